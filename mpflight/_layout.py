@@ -1,0 +1,165 @@
+"""The bytes of a table: header, state maps, home counts, slots and waiter records.
+
+No I/O here: only formats, offsets and the rules of who writes which field when. docs/design.md shows
+the same tables; tests/test_layout.py keeps the two equal.
+
+A table is one shared-memory object::
+
+    header        HEADER_SIZE bytes
+    state map     one byte per slot (SlotState)
+    record map    one byte per waiter record (0 free, 1 in use)
+    home counts   one u32 per slot: how many joinable calls have that slot as their home
+    slots         SLOT_SIZE bytes each
+    records       RECORD_SIZE bytes each
+
+Every field is written only while the table lock is held, except the result area of a slot in state
+COMPLETING, which belongs to its owner alone. Readers outside the lock (waiters polling their slot,
+the inspection tool) treat what they read as a hint and confirm under the lock before acting on it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+MAGIC: Final = b"MPFLIGHT"
+# Bumped whenever any byte below changes meaning; part of every OS object name (see _locks.object_name),
+# so that two versions of the library running side by side use two tables.
+LAYOUT_VERSION: Final = 1
+
+DEFAULT_SLOTS: Final = 1024
+# Bounds a table to 64 MiB of slots: far more calls in flight at once than one machine runs.
+MAX_SLOTS: Final = 65536
+# Every slot can be waited on by four callers on average before registering a waiter falls back.
+RECORDS_PER_SLOT: Final = 4
+
+# Header: written once by the initializer under the table lock, then read-only, except the counters
+# and the dirty byte, which change under the table lock.
+HEADER: Final = struct.Struct("<8s9IQd64s")
+H_MAGIC: Final = 0
+H_VERSION: Final = 8
+H_READY: Final = 12  # 0 until the initializer has written everything else; written last
+H_SLOTS: Final = 16
+H_SLOT_SIZE: Final = 20
+H_KEY_CAP: Final = 24
+H_RESULT_CAP: Final = 28
+H_RECORDS: Final = 32
+H_RECORD_SIZE: Final = 36
+H_NAME_LEN: Final = 40
+H_PIDNS: Final = 44  # inode of the creator's pid namespace (/proc/self/ns/pid)
+H_CREATED: Final = 52  # epoch seconds
+H_NAME: Final = 60  # the group's name, UTF-8, H_NAME_LEN bytes used
+H_COUNTERS: Final = 128  # COUNTERS.size bytes of u64 counters
+COUNTERS: Final = struct.Struct("<8Q")
+COUNTER_NAMES: Final = ("runs", "joins", "shared", "errors", "aborts", "timeouts", "fallbacks", "wait_ns")
+C_RUNS, C_JOINS, C_SHARED, C_ERRORS, C_ABORTS, C_TIMEOUTS, C_FALLBACKS, C_WAIT_NS = range(8)
+# Set to 1 by each holder of the table lock on entry and back to 0 on a clean exit. The kernel drops a
+# dead holder's lock, but not this byte: the next holder that finds it set repairs the table.
+H_DIRTY: Final = 192
+HEADER_SIZE: Final = 256
+assert HEADER.size <= H_COUNTERS and H_COUNTERS + COUNTERS.size <= H_DIRTY < HEADER_SIZE
+
+
+class SlotState(enum.IntEnum):
+    """A slot's state, one byte in the state map. FREE must be 0: free slots are found with bytes.find."""
+
+    FREE = 0  # no call; every other field is stale
+    RUNNING = 1  # the owner runs fn; joinable unless forgotten
+    COMPLETING = 2  # fn returned; the owner writes the outcome; no longer joinable
+    DONE = 3  # the outcome is published; the registered waiters read it; the last one frees the slot
+
+
+# Slot flags.
+JOINABLE: Final = 1  # RUNNING and not forgotten: new callers of the key join this call
+
+# Key kinds: the key's type is part of its identity. DIGEST is added when the key is longer than
+# KEY_CAP: the slot then holds the SHA-256 of kind byte + key, followed by the key's first bytes
+# (kept only to show the key in inflight(); never compared).
+KEY_STR: Final = 0
+KEY_BYTES: Final = 1
+KEY_DIGEST: Final = 2
+DIGEST_SIZE: Final = 32
+
+# Where a published outcome is.
+RESULT_NONE: Final = 0
+RESULT_INLINE: Final = 1  # msgpack payload in the slot's result area
+RESULT_SEGMENT: Final = 2  # msgpack payload in the segment named after (table, slot, generation)
+RESULT_LOCAL: Final = 3  # only threads of the owner's process wait: they take the owner's object
+
+# Slot. The fixed part is written in one piece by the claimer (under the lock, before the state byte
+# makes the slot RUNNING); waiters, joins and blocked_* change under the lock afterwards; the result
+# fields are written by the owner under the lock before the state byte says DONE.
+SLOT: Final = struct.Struct("<QIIIIIIQQdQBBHIQ")
+S_GEN: Final = 0  # u64: incremented by every claim; names the call
+S_HOME: Final = 8  # u32: slot index the key hashes to
+S_FLAGS: Final = 12  # u32: JOINABLE
+S_WAITERS: Final = 16  # u32: waiters registered and not yet gone (derived from the records)
+S_JOINS: Final = 20  # u32: callers that ever joined this call (the owner's `shared`)
+S_OWNER_PID: Final = 24  # u32
+S_BLOCKED_SLOT: Final = 28  # u32: 0, or 1 + the slot the owner's thread now waits on
+S_OWNER_START: Final = 32  # u64: owner's start time in clock ticks since boot
+S_OWNER_TID: Final = 40  # u64: owner's thread (threading.get_ident), for re-entry and cycles
+S_STARTED: Final = 48  # f64: epoch seconds when the call began
+S_BLOCKED_GEN: Final = 56  # u64: generation of the slot the owner's thread waits on
+S_KEY_KIND: Final = 64  # u8: KEY_*
+S_RESULT_WHERE: Final = 65  # u8: RESULT_*
+S_RESULT_LEN: Final = 68  # u32: bytes of the payload, inline or in the segment
+S_KEY_LEN: Final = 72  # u64: length of the full encoded key
+# The four u32 the owner reads on completion, in one unpack.
+COMPLETION: Final = struct.Struct("<IIII")  # home, flags, waiters, joins at S_HOME
+S_KEY: Final = 128
+KEY_CAP: Final = 256
+S_RESULT: Final = S_KEY + KEY_CAP
+RESULT_CAP: Final = 640
+SLOT_SIZE: Final = S_RESULT + RESULT_CAP
+assert SLOT.size <= S_KEY
+
+# Waiter record: one per registered waiter, written by that waiter under the lock before its byte in
+# the record map is set; the byte is the commit. Slot waiter counts are derived from these, so a
+# repair can recount them and a sweep can find waiters that died.
+RECORD: Final = struct.Struct("<IIQQQd")
+R_PID: Final = 0
+R_SLOT: Final = 4
+R_START: Final = 8
+R_TID: Final = 16
+R_GEN: Final = 24
+R_SINCE: Final = 32
+RECORD_SIZE: Final = 48
+assert RECORD.size <= RECORD_SIZE
+
+
+def _align(n: int) -> int:
+    return (n + 63) & ~63
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where each region of a table of ``slots`` slots starts, and how big the table is."""
+
+    slots: int
+    records: int
+    state_map: int
+    record_map: int
+    home_counts: int
+    slot_base: int
+    record_base: int
+    size: int
+
+    @classmethod
+    def for_slots(cls, slots: int) -> Geometry:
+        records = slots * RECORDS_PER_SLOT
+        state_map = HEADER_SIZE
+        record_map = _align(state_map + slots)
+        home_counts = _align(record_map + records)
+        slot_base = _align(home_counts + 4 * slots)
+        record_base = slot_base + slots * SLOT_SIZE
+        size = record_base + records * RECORD_SIZE
+        return cls(slots, records, state_map, record_map, home_counts, slot_base, record_base, size)
+
+    def slot(self, index: int) -> int:
+        return self.slot_base + index * SLOT_SIZE
+
+    def record(self, index: int) -> int:
+        return self.record_base + index * RECORD_SIZE

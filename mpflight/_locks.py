@@ -1,0 +1,315 @@
+"""Every OS object of a table: names, the table lock, per-slot semaphores, result segments.
+
+The only module that touches posix_ipc (whose stub is loose: nothing of it leaks out typed as Any).
+
+The table lock is ``flock`` on the table's own file descriptor, behind a ``threading.Lock`` for the
+threads of one process. The kernel drops an flock when its holder dies, at any instruction; a POSIX
+semaphore used as a lock cannot tell a holder that died right after ``sem_wait`` returned from one
+that is merely slow (docs/design.md, "The table lock"). flock belongs to an open file description,
+which a forked child shares with its parent, so a child reopens the table through /proc/self/fd to get
+one of its own (``TableLock.after_fork_in_child``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import pwd
+import stat
+import sys
+import threading
+from typing import Final
+
+import posix_ipc
+
+from ._errors import MPFlightError
+from ._layout import LAYOUT_VERSION
+
+# Every object name starts with this, then the layout version: `ls /dev/shm | grep mpf` finds them all.
+PREFIX: Final = f"/mpf{LAYOUT_VERSION}@"
+# Separates the group's name from an object's suffix; never part of a group name ([A-Za-z0-9._-]).
+SEP: Final = "@"
+# macOS caps semaphore and shm names at 31 bytes (PSEMNAMLEN, PSHMNAMLEN); Linux at NAME_MAX (255)
+# less the "sem." that glibc puts in front of a semaphore's file name.
+NAME_LIMIT: Final = 31 if sys.platform == "darwin" else 250
+SHM_DIR: Final = "/dev/shm"
+
+
+class NoSuchTable(MPFlightError):  # noqa: N818 (reads as the condition it reports, like FileNotFoundError)
+    """There is no table of this name (raised when attaching without creating)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no mpflight table named {name!r}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name,))
+
+
+def object_name(group: str, suffix: str = "") -> str:
+    """The OS name of one of ``group``'s objects: the table (no suffix), a semaphore or a segment.
+
+    The group's name is kept readable where the platform allows; where it would not fit, it is
+    replaced by a digest (the table's header keeps the real name).
+    """
+    name = f"{PREFIX}{group}{suffix}"
+    if len(name) > NAME_LIMIT:
+        digest = hashlib.blake2b(group.encode(), digest_size=5).hexdigest()
+        name = f"{PREFIX}{digest}{suffix}"
+    return name
+
+
+def semaphore_name(group: str, slot: int) -> str:
+    return object_name(group, f"{SEP}s{slot}")
+
+
+def segment_name(group: str, slot: int, gen: int) -> str:
+    return object_name(group, f"{SEP}r{slot}.{gen & 0xFFFFFFFF}")
+
+
+def _shm_path(os_name: str) -> str:
+    return f"{SHM_DIR}/{os_name.lstrip('/')}"
+
+
+def _whose(os_name: str) -> str:
+    try:
+        st = os.stat(_shm_path(os_name))
+    except OSError:
+        return "another user"
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = f"uid {st.st_uid}"
+    return f"user {user} (mode {stat.S_IMODE(st.st_mode):#o})"
+
+
+def _permission_error(group: str, os_name: str) -> MPFlightError:
+    return MPFlightError(
+        f"permission denied opening mpflight table {group!r} ({_shm_path(os_name)}), which belongs to "
+        f"{_whose(os_name)}: run as that user, or have the table created with a wider mode "
+        f"(Group(..., mode=0o660) for a shared group) after removing it with mpflight.unlink({group!r})"
+    )
+
+
+class TableFile:
+    """The table's shared-memory object: its descriptor and the lock on it."""
+
+    def __init__(self, group: str, *, create: bool, mode: int) -> None:
+        self.group = group
+        self.os_name = object_name(group)
+        self.created = False
+        while True:
+            try:
+                if create:
+                    try:
+                        shm = posix_ipc.SharedMemory(self.os_name, posix_ipc.O_CREX, mode=mode)
+                        self.created = True
+                        os.fchmod(shm.fd, mode)  # the umask narrowed it; `mode` is what was asked for
+                        break
+                    except posix_ipc.ExistentialError:
+                        pass
+                shm = posix_ipc.SharedMemory(self.os_name, 0)
+                break
+            except posix_ipc.ExistentialError:
+                if not create:
+                    raise NoSuchTable(group) from None
+                # Removed between our two opens: try creating again.
+            except posix_ipc.PermissionsError:
+                raise _permission_error(group, self.os_name) from None
+        self.fd: int = shm.fd
+        self.lock = TableLock(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def reserve(self, size: int) -> None:
+        """Give the object ``size`` bytes, reserved now: writing through a mapping tmpfs cannot back is SIGBUS."""
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as e:
+            raise MPFlightError(f"cannot reserve {size} bytes for table {self.group!r} in {SHM_DIR}: {e}") from None
+
+    def map(self, size: int) -> mmap.mmap:
+        return mmap.mmap(self.fd, size)
+
+    def replaced(self) -> bool:
+        """True when the name now leads to another object than ours, or to none (unlinked)."""
+        try:
+            shm = posix_ipc.SharedMemory(self.os_name, 0)
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+            return True
+        try:
+            theirs = os.fstat(shm.fd)
+        finally:
+            shm.close_fd()
+        ours = os.fstat(self.fd)
+        return (theirs.st_ino, theirs.st_dev) != (ours.st_ino, ours.st_dev)
+
+    def after_fork_in_child(self) -> None:
+        old = self.fd
+        self.fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
+        os.close(old)
+        self.lock = TableLock(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class TableLock:
+    """The table lock: a threading.Lock for this process's threads, then flock for the processes."""
+
+    __slots__ = ("_fd", "_thread_lock")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._thread_lock = threading.Lock()
+
+    def acquire(self) -> None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+class Semaphores:
+    """The per-slot wake-up semaphores of one table, opened (or created) on first use and cached."""
+
+    def __init__(self, group: str, mode: int) -> None:
+        self._group = group
+        self._mode = mode
+        self._open: dict[int, posix_ipc.Semaphore] = {}
+
+    def _get(self, slot: int) -> posix_ipc.Semaphore:
+        sem = self._open.get(slot)
+        if sem is None:
+            name = semaphore_name(self._group, slot)
+            try:
+                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREAT, mode=self._mode, initial_value=0)
+            except posix_ipc.PermissionsError:
+                raise _permission_error(self._group, name) from None
+            if self._mode & 0o077:
+                # The umask narrowed a mode that was widened on purpose (shared with other users).
+                with contextlib.suppress(OSError):
+                    os.chmod(f"{SHM_DIR}/sem.{name.lstrip('/')}", self._mode)
+            sem = self._open.setdefault(slot, sem)
+        return sem
+
+    def prepare(self, slot: int) -> None:
+        """Open slot's semaphore now, so that waiting on it later makes no system call to open it."""
+        self._get(slot)
+
+    def wait(self, slot: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a post; False when the time ran out or a signal came."""
+        try:
+            self._get(slot).acquire(max(timeout, 0.0))
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False
+        return True
+
+    def post(self, slot: int, times: int) -> None:
+        sem = self._get(slot)
+        for _ in range(times):
+            sem.release()
+
+    def drain(self, slot: int) -> None:
+        """Take every pending post (left by waiters that died): called only when nobody waits on slot."""
+        sem = self._get(slot)
+        while True:
+            try:
+                sem.acquire(0)
+            except posix_ipc.BusyError:
+                return
+
+    def close(self) -> None:
+        for sem in self._open.values():
+            sem.close()
+        self._open.clear()
+
+
+class SegmentFull(MPFlightError):  # noqa: N818 (a condition, like NoSuchTable)
+    """/dev/shm has no room for a result segment."""
+
+
+def write_segment(name: str, payload: bytes | memoryview, mode: int) -> None:
+    """Create segment ``name`` holding ``payload``; space is reserved first, so a full /dev/shm is an error."""
+    size = len(payload)
+    for _ in range(2):
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode)
+            break
+        except posix_ipc.ExistentialError:
+            # Left by an owner of an earlier generation that died: nobody can be reading it.
+            unlink_segment(name)
+    else:
+        raise MPFlightError(f"cannot create result segment {name}")
+    try:
+        try:
+            os.posix_fallocate(shm.fd, 0, size)
+        except OSError as e:
+            raise SegmentFull(f"no room in {SHM_DIR} for a result of {size} bytes: {e.strerror}") from None
+        with mmap.mmap(shm.fd, size) as mm:
+            mm[:] = payload
+    except BaseException:
+        unlink_segment(name)
+        raise
+    finally:
+        shm.close_fd()
+
+
+def map_segment(name: str, size: int) -> mmap.mmap:
+    """Map segment ``name`` for reading; it must hold at least ``size`` bytes."""
+    try:
+        shm = posix_ipc.SharedMemory(name, 0)
+    except posix_ipc.ExistentialError:
+        raise MPFlightError(f"result segment {name} is missing") from None
+    try:
+        if os.fstat(shm.fd).st_size < size:
+            raise MPFlightError(f"result segment {name} is shorter than its slot says")
+        return mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
+    finally:
+        shm.close_fd()
+
+
+def unlink_segment(name: str) -> bool:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        return False
+    return True
+
+
+def unlink_all(group: str) -> bool:
+    """Remove ``group``'s table, semaphores and segments; True if anything was there."""
+    table = object_name(group)
+    stem = table.lstrip("/")
+    removed = False
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.startswith(f"{stem}{SEP}"):
+            removed |= unlink_segment(f"/{entry}")
+        elif entry.startswith(f"sem.{stem}{SEP}"):
+            try:
+                posix_ipc.unlink_semaphore("/" + entry.removeprefix("sem."))
+                removed = True
+            except posix_ipc.ExistentialError:
+                pass
+    try:
+        posix_ipc.unlink_shared_memory(table)
+        removed = True
+    except posix_ipc.ExistentialError:
+        pass
+    return removed

@@ -1,0 +1,77 @@
+"""Process identity and liveness: the only module that touches psutil.
+
+A process is (pid, start time). The start time is kept in clock ticks since boot, which never change
+for a process: psutil's ``create_time()`` adds a boot time that it re-reads from the wall clock, so
+two readings around an NTP step would differ. We subtract the boot time read around the same call and
+retry when the two boot-time readings disagree, so a clock step can never make a live process look
+like another one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import psutil
+
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
+_ATTEMPTS: Final = 5  # a clock stepped this many times in a row between two reads is not a clock
+
+_identity: tuple[int, int] | None = None
+
+
+def _start_ticks(proc: psutil.Process) -> int:
+    """Start time of ``proc`` in clock ticks since boot, immune to steps of the wall clock."""
+    for _ in range(_ATTEMPTS):
+        before = psutil.boot_time()
+        created = psutil.Process(proc.pid).create_time()  # a fresh object: Process caches create_time
+        after = psutil.boot_time()
+        if before == after:
+            return round((created - before) * _TICKS)
+    raise RuntimeError("the wall clock kept moving while reading a process's start time")
+
+
+def identity() -> tuple[int, int]:
+    """(pid, start ticks) of this process; computed once, and again after ``forget_identity``."""
+    global _identity
+    if _identity is None:
+        pid = os.getpid()
+        _identity = (pid, _start_ticks(psutil.Process(pid)))
+    return _identity
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start ticks of the live process ``pid``, or None when there is none (or it is a zombie)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return _start_ticks(proc)
+    except psutil.NoSuchProcess:  # ZombieProcess is a subclass: also dead
+        return None
+
+
+def is_alive(pid: int, ticks: int) -> bool:
+    """True when the process that was (pid, ticks) still runs: not gone, not a zombie, not a reused pid."""
+    if pid <= 0:
+        return False
+    try:
+        found = start_ticks(pid)
+    except psutil.AccessDenied:
+        # Another user's process whose details we may not read: its pid exists, so assume it is the one.
+        return True
+    return found == ticks
+
+
+def pid_namespace() -> int:
+    """Inode of this process's pid namespace: pids mean the same only to processes that share it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def forget_identity() -> None:
+    """Called in a forked child, whose identity is its own."""
+    global _identity
+    _identity = None
