@@ -1,0 +1,786 @@
+"""Group: one execution of fn per key at a time, across the processes and threads of a machine.
+
+The protocol (docs/design.md has the state machine and the argument):
+
+    caller          under the table lock                      outside it
+    ------          --------------------                      ----------
+    owner           find no joinable call: claim a FREE slot  run fn
+                    nobody joined: FREE the slot              (nothing to publish)
+                    somebody joined: COMPLETING, unjoinable   encode the outcome, write it
+                    DONE; count the registered waiters        post the slot's semaphore once each
+    waiter          find the joinable call: write a record    wait on the semaphore; on each
+                                                              timeout slice check the owner
+                    drop the record; the last one FREEs        read the outcome
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Generic, NamedTuple, ParamSpec, TypeVar
+
+from . import _codec, _owner
+from ._errors import AbortError, DeadlockError, MPFlightError, SerializationError, short_key
+from ._layout import (
+    C_ABORTS,
+    C_ERRORS,
+    C_FALLBACKS,
+    C_JOINS,
+    C_RUNS,
+    C_SHARED,
+    C_TIMEOUTS,
+    C_WAIT_NS,
+    COMPLETION,
+    COUNTER_NAMES,
+    DIGEST_SIZE,
+    JOINABLE,
+    KEY_BYTES,
+    KEY_CAP,
+    KEY_DIGEST,
+    KEY_STR,
+    MAX_SLOTS,
+    RECORD,
+    RESULT_CAP,
+    RESULT_INLINE,
+    RESULT_LOCAL,
+    RESULT_NONE,
+    RESULT_SEGMENT,
+    S_BLOCKED_GEN,
+    S_BLOCKED_SLOT,
+    S_FLAGS,
+    S_GEN,
+    S_HOME,
+    S_JOINS,
+    S_KEY,
+    S_KEY_KIND,
+    S_KEY_LEN,
+    S_OWNER_PID,
+    S_OWNER_START,
+    S_OWNER_TID,
+    S_RESULT,
+    S_RESULT_LEN,
+    S_RESULT_WHERE,
+    S_STARTED,
+    S_WAITERS,
+    SLOT,
+)
+from ._locks import SegmentFull, map_segment, segment_name, unlink_all, unlink_segment, write_segment
+from ._table import COMPLETING, DONE, FREE, MAX_KEY_BYTES, RUNNING, LocalCall, Table
+
+log = logging.getLogger("mpflight")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Default bound on an encoded result: what a result segment may take of /dev/shm (Docker's is 64 MB).
+DEFAULT_MAX_RESULT_BYTES: Final = 64 * 1024 * 1024
+# How often a waiter checks that the owner lives: detection of a dead owner takes at most about this.
+DEFAULT_CHECK_INTERVAL: Final = 0.2
+# How often a process checks, on its way into do(), that its table is still the one under its name,
+# and looks for calls stuck since the last look (their owners or readers may have died).
+HOUSEKEEPING_INTERVAL: Final = 1.0
+# Encoded results up to 2**32 - 1 bytes: the slot's length field is a u32.
+MAX_RESULT_BYTES: Final = 0xFFFFFFFF
+
+_FAULT: Final = os.environ.get("MPFLIGHT_FAULT") or None
+
+# What _try_join returns besides a generation (>= 0).
+_NO_RECORD: Final = -1
+_OWNER_GONE: Final = -2
+_NOT_JOINED: Final = -3
+
+_tables: dict[str, Table] = {}
+_tables_lock = threading.Lock()
+
+
+def _fault(step: str) -> None:
+    """Fault injection for the crash tests: SIGKILL ourselves at ``step`` when MPFLIGHT_FAULT names it."""
+    if _FAULT == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Result(NamedTuple, Generic[T]):
+    """What ``do_ex`` returns: fn's value, and whether it was shared with another caller (as Go's Do)."""
+
+    value: T
+    shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InflightCall:
+    """One call in flight, as ``Group.inflight()`` sees it at one instant."""
+
+    key: str | bytes  # the key, or its first bytes when it was too long to keep (key_complete False)
+    owner_pid: int
+    started: float  # epoch seconds
+    waiters: int
+    state: str  # "running", "completing" (fn returned, outcome being written) or "done" (being read)
+    owner_alive: bool
+    result_bytes: int | None  # size of the encoded outcome once published
+    key_complete: bool
+
+
+def _validate_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"group name must be 1 to 64 characters of [A-Za-z0-9._-], not {name!r}")
+    return name
+
+
+def _key_identity(key: object) -> tuple[int, bytes, bytes]:
+    """(kind, encoded key, what the slot stores to identify it)."""
+    if isinstance(key, str):
+        kind, raw = KEY_STR, key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, bytes):
+        kind, raw = KEY_BYTES, bytes(key)
+    else:
+        raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+    if len(raw) > MAX_KEY_BYTES:
+        raise ValueError(f"key is {len(raw)} bytes encoded; at most {MAX_KEY_BYTES} are allowed")
+    if len(raw) > KEY_CAP:
+        digest = hashlib.sha256(bytes((kind,)) + raw).digest()
+        return kind | KEY_DIGEST, raw, digest + raw[: KEY_CAP - DIGEST_SIZE]
+    return kind, raw, raw
+
+
+def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
+    with _tables_lock:
+        t = _tables.get(name)
+        if t is None or t.closed:
+            t = Table(name, slots=slots, mode=mode, create=create)
+            _tables[name] = t
+        elif slots is not None and slots != t.slots:
+            raise MPFlightError(f"mpflight table {name!r} exists with {t.slots} slots, not {slots}")
+        t.refs += 1
+        return t
+
+
+def _close_unused(t: Table) -> None:
+    """Unmap a table that no handle of this process refers to and no thread is inside."""
+    with _tables_lock:
+        if t.refs == 0 and not t.active:
+            t.close()
+
+
+def _after_fork_in_child() -> None:
+    global _tables_lock
+    _tables_lock = threading.Lock()
+    _owner.forget_identity()
+    for t in _tables.values():
+        if not t.closed:
+            t.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def unlink(name: str) -> bool:
+    """Remove the table ``name``, its semaphores and result segments; True if anything existed.
+
+    Processes still attached keep their mapping; they notice on their slow path and move to a new
+    table under the name.
+    """
+    return unlink_all(_validate_name(name))
+
+
+class Group(Generic[T]):
+    """A named table of calls in flight, shared by every process of the machine that opens the name.
+
+    ``Group(name)`` creates the table or attaches to it. The handle is safe to use from many threads;
+    it is a context manager, and ``close()`` detaches it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        slots: int | None = None,
+        timeout: float | None = None,
+        mode: int = 0o600,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        codec: _codec.Codec | None = None,
+        check_interval: float = DEFAULT_CHECK_INTERVAL,
+        create: bool = True,
+    ) -> None:
+        self.name = _validate_name(name)
+        if slots is not None and (type(slots) is not int or not 1 <= slots <= MAX_SLOTS):
+            raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, not {slots!r}")
+        self.timeout = _positive("timeout", timeout, allow_none=True)
+        self.check_interval = _positive("check_interval", check_interval, allow_none=False)
+        if type(mode) is not int or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits from 0 to 0o777, not {mode!r}")
+        if type(max_result_bytes) is not int or not 1 <= max_result_bytes <= MAX_RESULT_BYTES:
+            raise ValueError(f"max_result_bytes must be an int from 1 to {MAX_RESULT_BYTES}")
+        if codec is not None and not isinstance(codec, _codec.Codec):
+            raise TypeError(f"codec must be an mpflight.Codec, not {type(codec).__name__}")
+        self.mode = mode
+        self.max_result_bytes = max_result_bytes
+        self.codec = codec
+        self._create = create
+        self._t: Table | None = _attach(self.name, slots, mode, create)
+
+    # -- life ----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Group[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._t is None else f"{self._t.slots} slots"
+        return f"<mpflight.Group {self.name!r} {state}>"
+
+    def close(self) -> None:
+        """Detach from the table (it stays for the other processes; ``unlink`` removes it)."""
+        t, self._t = self._t, None
+        if t is None:
+            return
+        with _tables_lock:
+            t.refs -= 1
+            if t.refs == 0 and _tables.get(self.name) is t:
+                del _tables[self.name]
+        if t.refs == 0 and not t.active:
+            _close_unused(t)
+
+    def _table(self) -> Table:
+        t = self._t
+        if t is None:
+            raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
+        return t
+
+    @property
+    def slots(self) -> int:
+        return self._table().slots
+
+    # -- the call --------------------------------------------------------------------------------------
+
+    def do(self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` unless a call for ``key`` is in flight anywhere; return its value.
+
+        Concurrent callers of one key, in any process, share one execution and its outcome: its
+        value, or the exception fn raised. Waits are bounded by the handle's ``timeout``
+        (TimeoutError); a dead owner is reported as AbortError.
+        """
+        return self.do_ex(key, fn, *args, **kwargs).value
+
+    def do_ex(self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Result[T]:
+        """As ``do``, and say whether the outcome was shared with another caller."""
+        t = self._t
+        if t is None:
+            raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        kind, raw, ident = _key_identity(key)
+        if time.monotonic() - t.checked > HOUSEKEEPING_INTERVAL:
+            t = self._housekeeping(t)
+        home = zlib.crc32(ident, kind) % t.slots
+        pid, start = _owner.identity()
+        tid = threading.get_ident()
+        join = _NOT_JOINED
+        with t:
+            index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
+            if index >= 0:
+                join = self._try_join(t, index, key, pid, start, tid)
+                if join == _OWNER_GONE:  # its call was aborted; start a new one
+                    index = -1
+                elif join == _NO_RECORD:
+                    t.counters[C_FALLBACKS] += 1
+                    full = "waiter records"
+            if index < 0:
+                index = t.mm.find(b"\0", t.geo.state_map + home, t.geo.state_map + t.slots)
+                if index < 0:
+                    index = t.mm.find(b"\0", t.geo.state_map, t.geo.state_map + home)
+                if index >= 0:
+                    index -= t.geo.state_map
+                    gen = self._claim(t, index, home, kind, raw, ident, pid, start, tid)
+                else:
+                    t.counters[C_FALLBACKS] += 1
+                    full = "slots"
+        if join >= 0 or (index >= 0 and join != _NO_RECORD):
+            # While this thread is inside the table, closing the handle must not unmap it.
+            t.active.append(None)
+            try:
+                if join >= 0:
+                    return self._wait(t, index, join, key)
+                return self._run(t, index, gen, fn, args, kwargs)
+            finally:
+                t.active.pop()
+                if t.refs == 0 and not t.active:
+                    _close_unused(t)
+        log.warning("mpflight table %r has no free %s: running fn without coalescing", self.name, full)
+        return Result(fn(*args, **kwargs), False)
+
+    def _find(self, t: Table, kind: int, ident: bytes, key_len: int, home: int) -> int:
+        """Under the lock: the slot of the joinable call for this key, or -1."""
+        mm, states, slots = t.mm, t.states, t.slots
+        want = t.homes[home]
+        n = len(ident)
+        i = home
+        for _ in range(slots):
+            if states[i] == RUNNING:
+                off = t.slot_off(i)
+                if t.u32(off + S_HOME) == home and t.u32(off + S_FLAGS) & JOINABLE:
+                    if (
+                        mm[off + S_KEY_KIND] == kind
+                        and int.from_bytes(mm[off + S_KEY_LEN : off + S_KEY_LEN + 8], "little") == key_len
+                        and mm[off + S_KEY : off + S_KEY + (DIGEST_SIZE if kind & KEY_DIGEST else n)]
+                        == ident[: DIGEST_SIZE if kind & KEY_DIGEST else n]
+                    ):
+                        return i
+                    want -= 1
+                    if want <= 0:
+                        return -1
+            i += 1
+            if i == slots:
+                i = 0
+        return -1
+
+    def _claim(
+        self, t: Table, index: int, home: int, kind: int, raw: bytes, ident: bytes, pid: int, start: int, tid: int
+    ) -> int:
+        """Under the lock: make FREE slot ``index`` this caller's RUNNING call. Returns its generation."""
+        off = t.slot_off(index)
+        gen = (t.gen(index) + 1) & 0xFFFFFFFFFFFFFFFF
+        SLOT.pack_into(
+            t.mm, off, gen, home, JOINABLE, 0, 0, pid, 0, start, tid, time.time(), 0, kind, RESULT_NONE, 0, 0,
+            len(raw),
+        )  # fmt: skip
+        t.mm[off + S_KEY : off + S_KEY + len(ident)] = ident
+        _fault("claim")
+        t.states[index] = RUNNING
+        t.homes[home] += 1
+        return gen
+
+    def _try_join(self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int) -> int:
+        """Under the lock: register as a waiter of the call in ``index``.
+
+        Returns the call's generation; _OWNER_GONE when its owner is gone (the call is aborted:
+        claim anew); _NO_RECORD when every waiter record is taken (run fn alone).
+        """
+        off = t.slot_off(index)
+        gen = t.gen(index)
+        owner = t.u32(off + S_OWNER_PID)
+        if owner != pid:
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                self._abort(t, index, gen, "owner died")
+                return _OWNER_GONE
+            except PermissionError:
+                pass  # another user's process: alive
+        self._check_cycle(t, index, key, pid, tid)
+        r = t.mm.find(b"\0", t.geo.record_map, t.geo.record_map + t.records)
+        if r < 0:
+            return _NO_RECORD
+        r -= t.geo.record_map
+        RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
+        t.rmap[r] = 1
+        _fault("join")
+        t.set_u32(off + S_WAITERS, t.u32(off + S_WAITERS) + 1)
+        t.set_u32(off + S_JOINS, t.u32(off + S_JOINS) + 1)
+        t.counters[C_JOINS] += 1
+        if owner == pid:
+            local = t.local.get((index, gen))
+            if local is None:
+                local = t.local[(index, gen)] = LocalCall()
+            local.waiting += 1
+        self._set_blocked(t, index + 1, gen)
+        t.tls.record = r
+        return gen
+
+    def _set_blocked(self, t: Table, slot_plus_one: int, gen: int) -> None:
+        """Under the lock: note in every call this thread owns what it now waits on (for cycle checks)."""
+        for index, own_gen in getattr(t.tls, "owned", ()):
+            if t.gen(index) == own_gen:
+                off = t.slot_off(index)
+                t.set_u32(off + S_BLOCKED_SLOT, slot_plus_one)
+                t.mm[off + S_BLOCKED_GEN : off + S_BLOCKED_GEN + 8] = gen.to_bytes(8, "little")
+
+    def _check_cycle(self, t: Table, index: int, key: str | bytes, pid: int, tid: int) -> None:
+        """Under the lock: refuse a wait on a call whose owner waits, maybe through others, on ours."""
+        keys: list[str | bytes] = [key]
+        cur = index
+        for _ in range(t.slots):
+            off = t.slot_off(cur)
+            if t.u32(off + S_OWNER_PID) == pid and int.from_bytes(t.mm[off + S_OWNER_TID : off + 48], "little") == tid:
+                raise DeadlockError(keys)
+            nxt = t.u32(off + S_BLOCKED_SLOT) - 1
+            if not 0 <= nxt < t.slots or t.states[nxt] not in (RUNNING, COMPLETING):
+                return
+            if t.gen(nxt) != int.from_bytes(t.mm[off + S_BLOCKED_GEN : off + S_BLOCKED_GEN + 8], "little"):
+                return
+            keys.append(self._slot_key(t, nxt)[0])
+            cur = nxt
+
+    # -- owner -----------------------------------------------------------------------------------------
+
+    def _run(
+        self, t: Table, index: int, gen: int, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> Result[T]:
+        tls = t.tls
+        owned = getattr(tls, "owned", None)
+        if owned is None:
+            owned = tls.owned = []
+        owned.append((index, gen))
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as e:
+            owned.pop()
+            self._complete(t, index, gen, None, e)
+            raise
+        except BaseException as e:
+            owned.pop()
+            self._complete(t, index, gen, None, e)
+            raise
+        owned.pop()
+        return Result(value, self._complete(t, index, gen, value, None))
+
+    def _complete(self, t: Table, index: int, gen: int, value: object, error: BaseException | None) -> bool:
+        """Publish the outcome of the call in ``index`` to its waiters; returns ``shared``."""
+        off = t.slot_off(index)
+        with t:
+            if t.gen(index) != gen or t.states[index] != RUNNING:
+                # Our call was aborted under us (we were taken for dead): nobody waits for us.
+                return False
+            home, flags, _, joins = COMPLETION.unpack_from(t.mm, off + S_HOME)
+            t.counters[C_RUNS] += 1
+            if error is not None and isinstance(error, Exception):
+                t.counters[C_ERRORS] += 1
+            if joins == 0:
+                if flags & JOINABLE:
+                    t.homes[home] -= 1
+                t.states[index] = FREE
+                return False
+            t.unjoin(index)
+            t.states[index] = COMPLETING
+            waiters = t.u32(off + S_WAITERS)
+            local = t.local.get((index, gen))
+            if local is not None:
+                local.value, local.error = value, error
+            remote = waiters - (local.waiting if local is not None else 0)
+        _fault("completing")
+        where, length = RESULT_LOCAL, 0
+        if remote > 0:
+            where, length = self._write_outcome(t, index, gen, value, error)
+        with t:
+            t.mm[off + S_RESULT_WHERE] = where
+            t.set_u32(off + S_RESULT_LEN, length)
+            t.states[index] = DONE
+            _fault("publish")
+            waiters = t.u32(off + S_WAITERS)
+            segment = t.free(index, gen) if waiters == 0 else None
+        if segment is not None:
+            unlink_segment(segment)
+        if waiters:
+            self._post(t, index, waiters)
+        return True
+
+    def _post(self, t: Table, index: int, times: int) -> None:
+        if _FAULT == "woken" and times > 1:
+            t.sems.post(index, 1)
+            _fault("woken")
+        t.sems.post(index, times)
+
+    def _write_outcome(
+        self, t: Table, index: int, gen: int, value: object, error: BaseException | None
+    ) -> tuple[int, int]:
+        """Outside the lock, in COMPLETING: encode the outcome into the slot or a segment."""
+        if error is None:
+            try:
+                payload = _codec.pack_value(value, self.codec)
+            except SerializationError as e:
+                payload = _codec.pack_not_carried(str(e))
+        elif isinstance(error, Exception):
+            payload = _codec.pack_error(error, self.codec)
+        else:
+            payload = _codec.pack_abort(f"owner left fn with {type(error).__name__}")
+        if len(payload) > self.max_result_bytes:
+            payload = _codec.pack_not_carried(
+                f"result of {len(payload)} bytes exceeds max_result_bytes ({self.max_result_bytes})"
+            )
+        if len(payload) <= RESULT_CAP:
+            off = t.slot_off(index) + S_RESULT
+            if _FAULT == "result":
+                t.mm[off : off + len(payload) // 2] = payload[: len(payload) // 2]
+                _fault("result")
+            t.mm[off : off + len(payload)] = payload
+            return RESULT_INLINE, len(payload)
+        name = segment_name(self.name, index, gen)
+        try:
+            if _FAULT == "result":
+                write_segment(name, payload[: len(payload) // 2], self.mode)
+                _fault("result")
+            write_segment(name, payload, self.mode)
+        except SegmentFull as e:
+            log.warning("mpflight table %r: %s", self.name, e)
+            payload = _codec.pack_not_carried(str(e))
+            off = t.slot_off(index) + S_RESULT
+            t.mm[off : off + len(payload)] = payload
+            return RESULT_INLINE, len(payload)
+        return RESULT_SEGMENT, len(payload)
+
+    # -- waiter ----------------------------------------------------------------------------------------
+
+    def _wait(self, t: Table, index: int, gen: int, key: str | bytes) -> Result[T]:
+        record = t.tls.record
+        began = time.monotonic()
+        deadline = None if self.timeout is None else began + self.timeout
+        off = t.slot_off(index)
+        owner = (t.u32(off + S_OWNER_PID), int.from_bytes(t.mm[off + S_OWNER_START : off + 40], "little"))
+        interval = self.check_interval
+        check_at = began + interval
+        try:
+            while True:
+                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+                t.sems.wait(index, wait)
+                if t.states[index] == DONE and t.gen(index) == gen:
+                    break
+                if t.gen(index) != gen or t.states[index] == FREE:
+                    raise AbortError(key, owner[0], "the call was lost (the table was repaired)")
+                now = time.monotonic()
+                if now >= check_at:
+                    check_at = now + interval
+                    if not _owner.is_alive(*owner):
+                        with t:
+                            self._abort(t, index, gen, "owner died")
+                        continue
+                if deadline is not None and now >= deadline:
+                    with t:
+                        if t.states[index] == DONE and t.gen(index) == gen:
+                            break
+                        self._leave(t, index, gen, record, began)
+                        t.counters[C_TIMEOUTS] += 1
+                    raise TimeoutError(f"gave up waiting {self.timeout} s for the call of key {short_key(key)}")
+        except BaseException as e:
+            if not isinstance(e, TimeoutError):
+                with t:
+                    if t.rmap[record] == 1:
+                        self._leave(t, index, gen, record, began)
+            raise
+        return self._read(t, index, gen, record, key, owner[0], began)
+
+    def _read(
+        self, t: Table, index: int, gen: int, record: int, key: str | bytes, owner: int, began: float
+    ) -> Result[T]:
+        """Take the published outcome of call (index, gen), then leave it; the last reader frees the slot."""
+        off = t.slot_off(index)
+        where = t.mm[off + S_RESULT_WHERE]
+        length = t.u32(off + S_RESULT_LEN)
+        local = t.local.get((index, gen)) if owner == os.getpid() else None
+        try:
+            if local is not None:
+                if local.error is None:
+                    return Result(local.value, True)  # type: ignore[arg-type]
+                if isinstance(local.error, Exception):
+                    raise local.error
+                raise AbortError(key, owner, f"owner left fn with {type(local.error).__name__}")
+            if where == RESULT_INLINE and length <= RESULT_CAP:
+                payload = bytes(t.mm[off + S_RESULT : off + S_RESULT + length])
+                return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner), True)  # type: ignore[arg-type]
+            if where == RESULT_SEGMENT and length <= MAX_RESULT_BYTES:
+                with map_segment(segment_name(self.name, index, gen), length) as seg, memoryview(seg) as view:
+                    value = _codec.unpack(view, self.codec, key=key, owner_pid=owner)
+                return Result(value, True)  # type: ignore[arg-type]
+            raise MPFlightError(f"corrupt slot {index} in table {self.name!r}: outcome location {where}")
+        finally:
+            with t:
+                if t.rmap[record] == 1:
+                    self._leave(t, index, gen, record, began, served=True)
+
+    def _leave(self, t: Table, index: int, gen: int, record: int, began: float, served: bool = False) -> None:
+        """Under the lock: drop this waiter's record; the last reader of a DONE call frees its slot."""
+        t.rmap[record] = 0
+        self._set_blocked(t, 0, 0)
+        t.counters[C_WAIT_NS] += int((time.monotonic() - began) * 1e9)
+        if served:
+            t.counters[C_SHARED] += 1
+        if t.gen(index) != gen or t.states[index] == FREE:
+            return
+        off = t.slot_off(index)
+        waiters = t.u32(off + S_WAITERS) - 1
+        t.set_u32(off + S_WAITERS, max(waiters, 0))
+        local = t.local.get((index, gen))
+        if local is not None:
+            local.waiting -= 1
+        if waiters <= 0 and t.states[index] == DONE:
+            segment = t.free(index, gen)
+            if segment is not None:
+                unlink_segment(segment)
+
+    def _abort(self, t: Table, index: int, gen: int, reason: str) -> None:
+        """Under the lock: end call (index, gen), whose owner is gone, with an abort for its waiters."""
+        if t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
+            return
+        off = t.slot_off(index)
+        pid = t.u32(off + S_OWNER_PID)
+        log.warning("mpflight table %r: owner %d of key %s died; aborting its call", self.name, pid,
+                    short_key(self._slot_key(t, index)[0]))  # fmt: skip
+        t.unjoin(index)
+        payload = _codec.pack_abort(reason)
+        t.mm[off + S_RESULT : off + S_RESULT + len(payload)] = payload
+        t.mm[off + S_RESULT_WHERE] = RESULT_INLINE
+        t.set_u32(off + S_RESULT_LEN, len(payload))
+        t.states[index] = DONE
+        t.counters[C_ABORTS] += 1
+        unlink_segment(segment_name(self.name, index, gen))  # an owner may die while writing one
+        waiters = t.u32(off + S_WAITERS)
+        if waiters == 0:
+            t.free(index, gen)
+        else:
+            t.sems.post(index, waiters)
+
+    # -- the rest of the API -------------------------------------------------------------------------
+
+    def forget(self, key: str | bytes) -> None:
+        """Let the next ``do`` for ``key`` start a new call; callers already waiting keep the current one."""
+        t = self._table()
+        kind, raw, ident = _key_identity(key)
+        home = zlib.crc32(ident, kind) % t.slots
+        with t:
+            if t.homes[home]:
+                index = self._find(t, kind, ident, len(raw), home)
+                if index >= 0:
+                    t.unjoin(index)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this table, kept in shared memory and so summed over every process."""
+        t = self._table()
+        with t:
+            c = dict(zip(COUNTER_NAMES, t.counters.tolist(), strict=True))
+        c["calls"] = c["runs"] + c["joins"] + c["fallbacks"]
+        return c
+
+    def _slot_key(self, t: Table, index: int) -> tuple[str | bytes, bool]:
+        off = t.slot_off(index)
+        kind = t.mm[off + S_KEY_KIND]
+        key_len = int.from_bytes(t.mm[off + S_KEY_LEN : off + S_KEY_LEN + 8], "little")
+        if kind & KEY_DIGEST:
+            raw, complete = t.mm[off + S_KEY + DIGEST_SIZE : off + S_KEY + KEY_CAP], False
+        else:
+            raw, complete = t.mm[off + S_KEY : off + S_KEY + min(key_len, KEY_CAP)], True
+        if kind & KEY_BYTES:
+            return raw, complete
+        return raw.decode("utf-8", "surrogatepass" if complete else "replace"), complete
+
+    def inflight(self) -> list[InflightCall]:
+        """The calls in flight now, oldest first (a snapshot: it may be stale when it returns)."""
+        t = self._table()
+        rows = []
+        with t:
+            for index in range(t.slots):
+                state = t.states[index]
+                if state == FREE or state > DONE:
+                    continue
+                off = t.slot_off(index)
+                fields = SLOT.unpack_from(t.mm, off)
+                key, complete = self._slot_key(t, index)
+                rows.append((key, complete, state, fields))
+        calls = []
+        for key, complete, state, f in rows:
+            pid, start, started, waiters, where, length = f[5], f[7], f[9], f[3], f[12], f[14]
+            calls.append(
+                InflightCall(
+                    key=key,
+                    owner_pid=pid,
+                    started=started,
+                    waiters=waiters,
+                    state={RUNNING: "running", COMPLETING: "completing", DONE: "done"}[state],
+                    owner_alive=pid == os.getpid() or _owner.is_alive(pid, start),
+                    result_bytes=length if state == DONE and where in (RESULT_INLINE, RESULT_SEGMENT) else None,
+                    key_complete=complete,
+                )
+            )
+        calls.sort(key=lambda c: c.started)
+        return calls
+
+    def gc(self) -> dict[str, int]:
+        """Reclaim what dead processes left: their calls, their waiter records, orphaned segments."""
+        t = self._table()
+        reclaimed = {"calls": 0, "waiters": 0, "segments": 0}
+        with t:
+            owners = [
+                (i, t.gen(i), t.u32(t.slot_off(i) + S_OWNER_PID),
+                 int.from_bytes(t.mm[t.slot_off(i) + S_OWNER_START : t.slot_off(i) + 40], "little"))
+                for i in range(t.slots) if t.states[i] in (RUNNING, COMPLETING)
+            ]  # fmt: skip
+            waiters = [(r, RECORD.unpack_from(t.mm, t.geo.record(r))) for r in range(t.records) if t.rmap[r] == 1]
+        alive: dict[tuple[int, int], bool] = {}
+
+        def live(pid: int, start: int) -> bool:
+            if (pid, start) not in alive:
+                alive[pid, start] = _owner.is_alive(pid, start)
+            return alive[pid, start]
+
+        dead_calls = [(i, gen) for i, gen, pid, start in owners if not live(pid, start)]
+        dead_waiters = [(r, rec) for r, rec in waiters if not live(rec[0], rec[2])]
+        with t:
+            for i, gen in dead_calls:
+                if t.gen(i) == gen and t.states[i] in (RUNNING, COMPLETING):
+                    self._abort(t, i, gen, "owner died")
+                    reclaimed["calls"] += 1
+            for r, rec in dead_waiters:
+                if t.rmap[r] == 1 and RECORD.unpack_from(t.mm, t.geo.record(r)) == rec:
+                    self._leave(t, rec[1], rec[4], r, time.monotonic())
+                    reclaimed["waiters"] += 1
+            expected = {
+                segment_name(self.name, i, t.gen(i)).lstrip("/")
+                for i in range(t.slots)
+                if t.states[i] in (COMPLETING, DONE)
+            }
+        reclaimed["segments"] = self._unlink_orphan_segments(expected)
+        if any(reclaimed.values()):
+            log.warning("mpflight table %r: reclaimed %s", self.name, reclaimed)
+        return reclaimed
+
+    def _unlink_orphan_segments(self, expected: set[str]) -> int:
+        stem = segment_name(self.name, 0, 0).lstrip("/").rsplit("@", 1)[0] + "@r"
+        try:
+            entries = os.listdir("/dev/shm")
+        except OSError:
+            return 0
+        n = 0
+        for entry in entries:
+            if entry.startswith(stem) and entry not in expected:
+                n += unlink_segment("/" + entry)
+        return n
+
+    def _housekeeping(self, t: Table) -> Table:
+        """At most once per HOUSEKEEPING_INTERVAL: follow the name to a new table; reclaim stuck calls."""
+        t.checked = time.monotonic()
+        if t.file.replaced():
+            log.warning("mpflight table %r was removed or replaced under this process; moving to the current one",
+                        self.name)  # fmt: skip
+            with _tables_lock:
+                if _tables.get(self.name) is t:
+                    del _tables[self.name]
+                t.refs -= 1
+            self._t = None
+            self._t = _attach(self.name, None, self.mode, True)
+            if t.refs == 0 and not t.active:
+                _close_unused(t)
+            return self._t
+        busy = {(i, t.gen(i), t.states[i]) for i in range(t.slots) if t.states[i] != FREE}
+        if busy & t.seen_busy:
+            self.gc()
+        t.seen_busy = busy
+        return t
+
+
+def _positive(what: str, value: float | None, *, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{what} must be positive, not {value!r}")
+    return float(value)

@@ -1,0 +1,316 @@
+"""One process's attachment to a table: its mapping, views, lock discipline and repair.
+
+Every Group of the same name in a process shares one _Table (so that the threads of a process are
+serialised by one threading.Lock, and a slot's local waiters find the owner's object). The protocol
+itself (claim, join, publish) lives in _group; this module owns the bytes and their invariants.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import time
+from typing import Final
+
+from . import _owner
+from ._errors import MPFlightError
+from ._layout import (
+    COUNTERS,
+    DEFAULT_SLOTS,
+    H_COUNTERS,
+    H_CREATED,
+    H_DIRTY,
+    H_KEY_CAP,
+    H_MAGIC,
+    H_NAME,
+    H_NAME_LEN,
+    H_PIDNS,
+    H_READY,
+    H_RECORD_SIZE,
+    H_RECORDS,
+    H_RESULT_CAP,
+    H_SLOT_SIZE,
+    H_SLOTS,
+    H_VERSION,
+    HEADER,
+    HEADER_SIZE,
+    JOINABLE,
+    KEY_CAP,
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_SLOTS,
+    RECORD,
+    RECORD_SIZE,
+    RESULT_CAP,
+    RESULT_INLINE,
+    RESULT_LOCAL,
+    RESULT_NONE,
+    RESULT_SEGMENT,
+    S_FLAGS,
+    S_GEN,
+    S_HOME,
+    S_JOINS,
+    S_KEY_KIND,
+    S_KEY_LEN,
+    S_RESULT_LEN,
+    S_RESULT_WHERE,
+    S_WAITERS,
+    SLOT,
+    SLOT_SIZE,
+    Geometry,
+    SlotState,
+)
+from ._locks import Semaphores, TableFile, segment_name, unlink_segment
+
+log = logging.getLogger("mpflight")
+
+FREE: Final = SlotState.FREE.value
+RUNNING: Final = SlotState.RUNNING.value
+COMPLETING: Final = SlotState.COMPLETING.value
+DONE: Final = SlotState.DONE.value
+
+# Keys longer than this are refused (ValueError): bounds what a caller hashes and what a slot's key
+# length field may claim.
+MAX_KEY_BYTES: Final = 64 * 1024
+
+_INIT_FAULT: Final = os.environ.get("MPFLIGHT_FAULT") == "init"
+
+
+class LocalCall:
+    """What the owner's process keeps for its own waiting threads: the owner's very outcome."""
+
+    __slots__ = ("error", "value", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = 0  # threads of this process registered on the call
+        self.value: object = None
+        self.error: BaseException | None = None
+
+
+class Table:
+    """A mapped table and its lock. ``with table:`` holds the lock and repairs what a dead holder left."""
+
+    def __init__(self, group: str, *, slots: int | None, mode: int, create: bool) -> None:
+        self.group = group
+        self.mode = mode
+        self.file = TableFile(group, create=create, mode=mode)
+        try:
+            self.geo = self._initialize_or_check(slots)
+            self.mm = self.file.map(self.geo.size)
+        except BaseException:
+            self.file.close()
+            raise
+        g = self.geo
+        self.slots = g.slots
+        self.records = g.records
+        self.view = memoryview(self.mm)
+        self.states = self.view[g.state_map : g.state_map + g.slots]
+        self.rmap = self.view[g.record_map : g.record_map + g.records]
+        self.homes = self.view[g.home_counts : g.home_counts + 4 * g.slots].cast("I")
+        self.counters = self.view[H_COUNTERS : H_COUNTERS + COUNTERS.size].cast("Q")
+        self.sems = Semaphores(group, mode)
+        self.local: dict[tuple[int, int], LocalCall] = {}
+        self.tls = threading.local()
+        self.refs = 0  # Group handles of this process (changed under _group's registry lock)
+        self.active: list[None] = []  # one entry per thread inside a call (append and pop are atomic)
+        self.checked = time.monotonic()
+        self.seen_busy: set[tuple[int, int, int]] = set()
+        self.closed = False
+
+    # -- creation ------------------------------------------------------------------------------
+
+    def _initialize_or_check(self, slots: int | None) -> Geometry:
+        """Under the lock: initialize the table if nobody finished doing so, else check its geometry.
+
+        Whoever takes the lock first initializes; a creator that died halfway left ``ready`` at 0,
+        so the next one starts over. Nobody maps a table before it is ready.
+        """
+        f = self.file
+        f.lock.acquire()
+        try:
+            size = f.size()
+            if size >= HEADER_SIZE:
+                with mmap.mmap(f.fd, HEADER_SIZE) as head:
+                    fields = HEADER.unpack_from(head, 0)
+                    ready = fields[2]
+                if ready == 1:
+                    return self._check(fields, size, slots)
+            return self._initialize(slots or DEFAULT_SLOTS)
+        finally:
+            f.lock.release()
+
+    def _initialize(self, slots: int) -> Geometry:
+        g = Geometry.for_slots(slots)
+        f = self.file
+        f.reserve(g.size)
+        with f.map(g.size) as mm:
+            mm[:] = bytes(g.size)  # a creator may have died halfway: start from zeros
+            name = self.group.encode()
+            HEADER.pack_into(
+                mm, 0, MAGIC, LAYOUT_VERSION, 0, slots, SLOT_SIZE, KEY_CAP, RESULT_CAP, g.records,
+                RECORD_SIZE, len(name), _owner.pid_namespace(), time.time(), name,
+            )  # fmt: skip
+            if _INIT_FAULT:
+                _die()
+            mm[H_READY : H_READY + 4] = (1).to_bytes(4, "little")
+        return g
+
+    def _check(self, fields: tuple[object, ...], size: int, slots: int | None) -> Geometry:
+        magic, version, _, t_slots, slot_size, key_cap, result_cap, records, record_size, name_len = fields[:10]
+        pidns, name = fields[10], fields[12]
+        what = f"mpflight table {self.group!r} ({self.file.os_name})"
+        if magic != MAGIC or version != LAYOUT_VERSION:
+            raise MPFlightError(f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})")
+        assert isinstance(t_slots, int) and isinstance(name, bytes) and isinstance(name_len, int)
+        if (slot_size, key_cap, result_cap, record_size) != (SLOT_SIZE, KEY_CAP, RESULT_CAP, RECORD_SIZE) or not (
+            1 <= t_slots <= MAX_SLOTS
+        ):
+            raise MPFlightError(f"{what} has another geometry than this version of mpflight writes")
+        g = Geometry.for_slots(t_slots)
+        if records != g.records or size < g.size:
+            raise MPFlightError(f"{what} is damaged: its size or record count does not match its header")
+        if name[:name_len] != self.group.encode():
+            raise MPFlightError(f"{what} belongs to group {name[:name_len]!r}: two names share one digest")
+        if slots is not None and slots != t_slots:
+            raise MPFlightError(f"{what} exists with {t_slots} slots, not {slots}: unlink it to resize")
+        if pidns not in (0, _owner.pid_namespace()):
+            raise MPFlightError(
+                f"{what} is used by processes in another pid namespace, whose pids this process cannot "
+                "check: give each container its own /dev/shm, or share the pid namespace too"
+            )
+        return g
+
+    # -- the lock ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Table:
+        self.file.lock.acquire()
+        mm = self.mm
+        if mm[H_DIRTY]:
+            try:
+                self.repair()
+            except BaseException:
+                self.file.lock.release()
+                raise
+        mm[H_DIRTY] = 1
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.mm[H_DIRTY] = 0
+        # else: we left halfway; the byte stays set and the next holder repairs (maybe us).
+        self.file.lock.release()
+
+    # -- slot fields -----------------------------------------------------------------------------
+
+    def slot_off(self, index: int) -> int:
+        return self.geo.slot_base + index * SLOT_SIZE
+
+    def gen(self, index: int) -> int:
+        return int.from_bytes(self.mm[self.slot_off(index) + S_GEN : self.slot_off(index) + S_GEN + 8], "little")
+
+    def u32(self, off: int) -> int:
+        return int.from_bytes(self.mm[off : off + 4], "little")
+
+    def set_u32(self, off: int, value: int) -> None:
+        self.mm[off : off + 4] = value.to_bytes(4, "little")
+
+    def unjoin(self, index: int) -> None:
+        """Under the lock: the call in slot ``index`` takes no new joiners from now on."""
+        off = self.slot_off(index) + S_FLAGS
+        flags = self.u32(off)
+        if flags & JOINABLE:
+            self.set_u32(off, flags & ~JOINABLE)
+            self.homes[self.u32(self.slot_off(index) + S_HOME)] -= 1
+
+    def free(self, index: int, gen: int) -> str | None:
+        """Under the lock: make slot ``index`` FREE. Returns its segment's name to unlink, if it has one."""
+        off = self.slot_off(index)
+        if self.states[index] == RUNNING:
+            self.unjoin(index)
+        self.states[index] = FREE
+        self.local.pop((index, gen), None)
+        if self.mm[off + S_RESULT_WHERE] == RESULT_SEGMENT:
+            return segment_name(self.group, index, gen)
+        return None
+
+    # -- repair ----------------------------------------------------------------------------------
+
+    def repair(self) -> None:
+        """Under the lock, after a holder died inside it: rebuild every derived field from primary ones.
+
+        Primary: the state map, each slot's fixed fields, the record map and each record. Derived: home
+        counts, waiter counts, DONE slots nobody reads any more. Anything out of bounds is dropped.
+        """
+        log.warning("mpflight table %r: a process died holding its lock; repairing", self.group)
+        slots, mm, states = self.slots, self.mm, self.states
+        counts = [0] * slots
+        for r in range(self.records):
+            if self.rmap[r] == 0:
+                continue
+            _, slot, _, _, gen, _ = RECORD.unpack_from(mm, self.geo.record(r))
+            if self.rmap[r] != 1 or slot >= slots or states[slot] == FREE or self.gen(slot) != gen:
+                self.rmap[r] = 0
+            else:
+                counts[slot] += 1
+        homes = [0] * slots
+        unlink: list[str] = []
+        for i in range(slots):
+            state = states[i]
+            if state == FREE:
+                continue
+            off = self.slot_off(i)
+            gen, home, flags, _, joins = SLOT.unpack_from(mm, off)[:5]
+            where, length = mm[off + S_RESULT_WHERE], self.u32(off + S_RESULT_LEN)
+            key_len = int.from_bytes(mm[off + S_KEY_LEN : off + S_KEY_LEN + 8], "little")
+            sane = (
+                state <= DONE
+                and home < slots
+                and mm[off + S_KEY_KIND] <= 3
+                and key_len <= MAX_KEY_BYTES
+                and where in (RESULT_NONE, RESULT_INLINE, RESULT_SEGMENT, RESULT_LOCAL)
+                and (where != RESULT_INLINE or length <= RESULT_CAP)
+            )
+            if not sane:
+                states[i] = FREE
+                log.warning("mpflight table %r: slot %d held garbage; freed", self.group, i)
+                continue
+            self.set_u32(off + S_WAITERS, counts[i])
+            self.set_u32(off + S_JOINS, max(joins, counts[i]))
+            if state == DONE and counts[i] == 0:
+                states[i] = FREE
+                if where == RESULT_SEGMENT:
+                    unlink.append(segment_name(self.group, i, gen))
+            elif state == RUNNING and flags & JOINABLE:
+                homes[home] += 1
+            elif state != RUNNING:
+                self.set_u32(off + S_FLAGS, flags & ~JOINABLE)
+        for i in range(slots):
+            self.homes[i] = homes[i]
+        for name in unlink:
+            unlink_segment(name)
+
+    # -- life --------------------------------------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        self.file.after_fork_in_child()
+        self.local.clear()
+        self.tls = threading.local()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.sems.close()
+        for v in (self.states, self.rmap, self.homes, self.counters, self.view):
+            v.release()
+        self.mm.close()
+        self.file.close()
+
+
+def _die() -> None:
+    """Fault injection: SIGKILL this process at a named step (MPFLIGHT_FAULT), as a crash would."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

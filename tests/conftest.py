@@ -1,0 +1,39 @@
+"""Fixtures: a unique group name per test, and the check that the test left nothing in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import mpflight
+
+
+def shm_entries(name: str) -> list[str]:
+    """Everything in /dev/shm that belongs to group ``name`` (table, semaphores, segments)."""
+    return sorted(e for e in os.listdir("/dev/shm") if f"@{name}" in e)
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh group name; afterwards, no result segment may be left, and unlink removes the rest."""
+    group = f"t-{uuid.uuid4().hex[:12]}"
+    yield group
+    segments = [e for e in shm_entries(group) if "@r" in e]
+    mpflight.unlink(group)
+    assert shm_entries(group) == [], "unlink left objects behind"
+    if request.node.get_closest_marker("leaves_segments") is None:
+        assert segments == [], f"result segments outlived their readers: {segments}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "leaves_segments: the test leaks a result segment on purpose")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    left = [e for e in os.listdir("/dev/shm") if "@t-" in e and "mpf" in e]
+    if left:
+        session.exitstatus = 1
+        print(f"\n/dev/shm entries left by the tests: {left}")

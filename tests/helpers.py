@@ -1,0 +1,113 @@
+"""Helpers shared by the tests: waiting on state under a deadline, gates, child processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mpflight
+
+# Bounds every wait for state in a test: a hang fails here instead of stalling CI. Not a speed target.
+DEADLINE = 30.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def waiting(group: mpflight.Group[Any], key: str | bytes) -> int:
+    """How many callers wait on the running call for key (-1: no such call)."""
+    for call in group.inflight():
+        if call.key == key and call.state == "running":
+            return call.waiters
+    return -1
+
+
+class Gate:
+    """Files that hold the tests' fn open and count its executions."""
+
+    def __init__(self, tmp: Path, tag: str = "") -> None:
+        self.gate = str(tmp / f"gate{tag}")
+        self.runs = str(tmp / f"runs{tag}")
+        Path(self.runs).touch()
+
+    def open(self) -> None:
+        Path(self.gate).touch()
+
+    def executions(self) -> int:
+        return len(Path(self.runs).read_text().split())
+
+
+def start_subprocess(*args: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "tests.workers", *args], env=env, cwd=ROOT)
+
+
+def mp_context(method: str) -> Any:
+    return multiprocessing.get_context(method)
+
+
+def read_outcomes(paths: list[Path]) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def remote_owner(name: str, key: str | bytes, factory: str, tmp: Path, **options: Any) -> tuple[Any, Gate, Path]:
+    """Start a spawned child that owns the call for key, held open; returns (process, gate, out)."""
+    from tests import workers
+
+    gate = Gate(tmp, tag=str(len(list(tmp.iterdir()))))
+    out = tmp / f"owner-out-{gate.gate[-3:]}"
+    proc = mp_context("spawn").Process(
+        target=workers.own, args=(name, key, gate.gate, gate.runs, factory, str(out)), kwargs=options
+    )
+    proc.start()
+    wait_until(lambda: gate.executions() == 1, "the child to start fn")
+    return proc, gate, out
+
+
+def join_in_thread(group: mpflight.Group[Any], key: str | bytes) -> tuple[Any, list[Any]]:
+    """Call do_ex(key) in a thread (it should join a running call); returns (thread, [outcome])."""
+    import threading
+
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(group.do_ex(key, _must_not_run))
+        except BaseException as e:
+            box.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def _must_not_run() -> None:
+    raise AssertionError("a joiner ran fn")
+
+
+def shared_outcome(name: str, key: str | bytes, factory: str, tmp: Path, **options: Any) -> tuple[Any, Any]:
+    """A child owns key with FACTORIES[factory]; this process joins. Returns (our outcome, owner's)."""
+    import pickle
+
+    proc, gate, out = remote_owner(name, key, factory, tmp, **options)
+    with mpflight.Group(name, **options) as group:
+        thread, box = join_in_thread(group, key)
+        wait_until(lambda: waiting(group, key) == 1, "this process to join")
+        gate.open()
+        thread.join(DEADLINE)
+        proc.join(DEADLINE)
+        assert proc.exitcode == 0
+    return box[0], pickle.loads(out.read_bytes())
