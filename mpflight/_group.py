@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import zlib
@@ -55,7 +56,6 @@ from ._layout import (
     S_BLOCKED_GEN,
     S_BLOCKED_SLOT,
     S_FLAGS,
-    S_GEN,
     S_HOME,
     S_JOINS,
     S_KEY,
@@ -67,7 +67,6 @@ from ._layout import (
     S_RESULT,
     S_RESULT_LEN,
     S_RESULT_WHERE,
-    S_STARTED,
     S_WAITERS,
     SLOT,
 )
@@ -103,9 +102,7 @@ _tables_lock = threading.Lock()
 
 def _fault(step: str) -> None:
     """Fault injection for the crash tests: SIGKILL ourselves at ``step`` when MPFLIGHT_FAULT names it."""
-    if _FAULT == step:
-        import signal
-
+    if step == _FAULT:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -214,8 +211,8 @@ class Group(Generic[T]):
         self.name = _validate_name(name)
         if slots is not None and (type(slots) is not int or not 1 <= slots <= MAX_SLOTS):
             raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, not {slots!r}")
-        self.timeout = _positive("timeout", timeout, allow_none=True)
-        self.check_interval = _positive("check_interval", check_interval, allow_none=False)
+        self.timeout = None if timeout is None else _positive("timeout", timeout)
+        self.check_interval = _positive("check_interval", check_interval)
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be permission bits from 0 to 0o777, not {mode!r}")
         if type(max_result_bytes) is not int or not 1 <= max_result_bytes <= MAX_RESULT_BYTES:
@@ -346,7 +343,16 @@ class Group(Generic[T]):
         return -1
 
     def _claim(
-        self, t: Table, index: int, home: int, kind: int, raw: bytes, ident: bytes, pid: int, start: int, tid: int
+        self,
+        t: Table,
+        index: int,
+        home: int,
+        kind: int,
+        raw: bytes,
+        ident: bytes,
+        pid: int,
+        start: int,
+        tid: int,
     ) -> int:
         """Under the lock: make FREE slot ``index`` this caller's RUNNING call. Returns its generation."""
         off = t.slot_off(index)
@@ -412,7 +418,10 @@ class Group(Generic[T]):
         cur = index
         for _ in range(t.slots):
             off = t.slot_off(cur)
-            if t.u32(off + S_OWNER_PID) == pid and int.from_bytes(t.mm[off + S_OWNER_TID : off + 48], "little") == tid:
+            if (
+                t.u32(off + S_OWNER_PID) == pid
+                and int.from_bytes(t.mm[off + S_OWNER_TID : off + 48], "little") == tid
+            ):
                 raise DeadlockError(keys)
             nxt = t.u32(off + S_BLOCKED_SLOT) - 1
             if not 0 <= nxt < t.slots or t.states[nxt] not in (RUNNING, COMPLETING):
@@ -425,7 +434,13 @@ class Group(Generic[T]):
     # -- owner -----------------------------------------------------------------------------------------
 
     def _run(
-        self, t: Table, index: int, gen: int, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+        self,
+        t: Table,
+        index: int,
+        gen: int,
+        fn: Callable[..., T],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
     ) -> Result[T]:
         tls = t.tls
         owned = getattr(tls, "owned", None)
@@ -560,7 +575,9 @@ class Group(Generic[T]):
                             break
                         self._leave(t, index, gen, record, began)
                         t.counters[C_TIMEOUTS] += 1
-                    raise TimeoutError(f"gave up waiting {self.timeout} s for the call of key {short_key(key)}")
+                    raise TimeoutError(
+                        f"gave up waiting {self.timeout} s for the call of key {short_key(key)}"
+                    )
         except BaseException as e:
             if not isinstance(e, TimeoutError):
                 with t:
@@ -696,7 +713,9 @@ class Group(Generic[T]):
                     waiters=waiters,
                     state={RUNNING: "running", COMPLETING: "completing", DONE: "done"}[state],
                     owner_alive=pid == os.getpid() or _owner.is_alive(pid, start),
-                    result_bytes=length if state == DONE and where in (RESULT_INLINE, RESULT_SEGMENT) else None,
+                    result_bytes=length
+                    if state == DONE and where in (RESULT_INLINE, RESULT_SEGMENT)
+                    else None,
                     key_complete=complete,
                 )
             )
@@ -713,7 +732,9 @@ class Group(Generic[T]):
                  int.from_bytes(t.mm[t.slot_off(i) + S_OWNER_START : t.slot_off(i) + 40], "little"))
                 for i in range(t.slots) if t.states[i] in (RUNNING, COMPLETING)
             ]  # fmt: skip
-            waiters = [(r, RECORD.unpack_from(t.mm, t.geo.record(r))) for r in range(t.records) if t.rmap[r] == 1]
+            waiters = [
+                (r, RECORD.unpack_from(t.mm, t.geo.record(r))) for r in range(t.records) if t.rmap[r] == 1
+            ]
         alive: dict[tuple[int, int], bool] = {}
 
         def live(pid: int, start: int) -> bool:
@@ -758,7 +779,7 @@ class Group(Generic[T]):
         """At most once per HOUSEKEEPING_INTERVAL: follow the name to a new table; reclaim stuck calls."""
         t.checked = time.monotonic()
         if t.file.replaced():
-            log.warning("mpflight table %r was removed or replaced under this process; moving to the current one",
+            log.warning("mpflight table %r was removed or replaced under this process; moving to the new one",
                         self.name)  # fmt: skip
             with _tables_lock:
                 if _tables.get(self.name) is t:
@@ -776,9 +797,7 @@ class Group(Generic[T]):
         return t
 
 
-def _positive(what: str, value: float | None, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
+def _positive(what: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
     if not value > 0:

@@ -38,7 +38,7 @@ NAME_LIMIT: Final = 31 if sys.platform == "darwin" else 250
 SHM_DIR: Final = "/dev/shm"
 
 
-class NoSuchTable(MPFlightError):  # noqa: N818 (reads as the condition it reports, like FileNotFoundError)
+class NoSuchTable(MPFlightError):
     """There is no table of this name (raised when attaching without creating)."""
 
     def __init__(self, name: str) -> None:
@@ -126,11 +126,13 @@ class TableFile:
         return os.fstat(self.fd).st_size
 
     def reserve(self, size: int) -> None:
-        """Give the object ``size`` bytes, reserved now: writing through a mapping tmpfs cannot back is SIGBUS."""
+        """Give the object ``size`` bytes, reserved now (a write tmpfs cannot back would be SIGBUS)."""
         try:
             os.posix_fallocate(self.fd, 0, size)
         except OSError as e:
-            raise MPFlightError(f"cannot reserve {size} bytes for table {self.group!r} in {SHM_DIR}: {e}") from None
+            raise MPFlightError(
+                f"cannot reserve {size} bytes for table {self.group!r} in {SHM_DIR}: {e}"
+            ) from None
 
     def map(self, size: int) -> mmap.mmap:
         return mmap.mmap(self.fd, size)
@@ -237,12 +239,12 @@ class Semaphores:
         self._open.clear()
 
 
-class SegmentFull(MPFlightError):  # noqa: N818 (a condition, like NoSuchTable)
+class SegmentFull(MPFlightError):
     """/dev/shm has no room for a result segment."""
 
 
 def write_segment(name: str, payload: bytes | memoryview, mode: int) -> None:
-    """Create segment ``name`` holding ``payload``; space is reserved first, so a full /dev/shm is an error."""
+    """Create segment ``name`` holding ``payload``; reserving first makes a full /dev/shm an error."""
     size = len(payload)
     for _ in range(2):
         try:

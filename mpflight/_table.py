@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import signal
 import threading
 import time
 from typing import Final
@@ -20,20 +21,8 @@ from ._layout import (
     COUNTERS,
     DEFAULT_SLOTS,
     H_COUNTERS,
-    H_CREATED,
     H_DIRTY,
-    H_KEY_CAP,
-    H_MAGIC,
-    H_NAME,
-    H_NAME_LEN,
-    H_PIDNS,
     H_READY,
-    H_RECORD_SIZE,
-    H_RECORDS,
-    H_RESULT_CAP,
-    H_SLOT_SIZE,
-    H_SLOTS,
-    H_VERSION,
     HEADER,
     HEADER_SIZE,
     JOINABLE,
@@ -158,15 +147,22 @@ class Table:
         return g
 
     def _check(self, fields: tuple[object, ...], size: int, slots: int | None) -> Geometry:
-        magic, version, _, t_slots, slot_size, key_cap, result_cap, records, record_size, name_len = fields[:10]
+        magic, version, _, t_slots, slot_size, key_cap, result_cap, records, record_size, name_len = fields[
+            :10
+        ]
         pidns, name = fields[10], fields[12]
         what = f"mpflight table {self.group!r} ({self.file.os_name})"
         if magic != MAGIC or version != LAYOUT_VERSION:
-            raise MPFlightError(f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})")
+            raise MPFlightError(
+                f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})"
+            )
         assert isinstance(t_slots, int) and isinstance(name, bytes) and isinstance(name_len, int)
-        if (slot_size, key_cap, result_cap, record_size) != (SLOT_SIZE, KEY_CAP, RESULT_CAP, RECORD_SIZE) or not (
-            1 <= t_slots <= MAX_SLOTS
-        ):
+        if (slot_size, key_cap, result_cap, record_size) != (
+            SLOT_SIZE,
+            KEY_CAP,
+            RESULT_CAP,
+            RECORD_SIZE,
+        ) or not (1 <= t_slots <= MAX_SLOTS):
             raise MPFlightError(f"{what} has another geometry than this version of mpflight writes")
         g = Geometry.for_slots(t_slots)
         if records != g.records or size < g.size:
@@ -208,7 +204,9 @@ class Table:
         return self.geo.slot_base + index * SLOT_SIZE
 
     def gen(self, index: int) -> int:
-        return int.from_bytes(self.mm[self.slot_off(index) + S_GEN : self.slot_off(index) + S_GEN + 8], "little")
+        return int.from_bytes(
+            self.mm[self.slot_off(index) + S_GEN : self.slot_off(index) + S_GEN + 8], "little"
+        )
 
     def u32(self, off: int) -> int:
         return int.from_bytes(self.mm[off : off + 4], "little")
@@ -311,6 +309,4 @@ class Table:
 
 def _die() -> None:
     """Fault injection: SIGKILL this process at a named step (MPFLIGHT_FAULT), as a crash would."""
-    import signal
-
     os.kill(os.getpid(), signal.SIGKILL)

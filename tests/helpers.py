@@ -63,7 +63,9 @@ def read_outcomes(paths: list[Path]) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in paths]
 
 
-def remote_owner(name: str, key: str | bytes, factory: str, tmp: Path, **options: Any) -> tuple[Any, Gate, Path]:
+def remote_owner(
+    name: str, key: str | bytes, factory: str, tmp: Path, **options: Any
+) -> tuple[Any, Gate, Path]:
     """Start a spawned child that owns the call for key, held open; returns (process, gate, out)."""
     from tests import workers
 

@@ -45,7 +45,9 @@ def test_multiprocessing_children_coalesce(name: str, tmp_path: Path, method: st
     outs = [tmp_path / f"out{i}" for i in range(N)]
     ctx = mp_context(method)
     with mpflight.Group(name) as group:
-        procs = [ctx.Process(target=workers.call, args=(name, "k", gate.gate, gate.runs, str(o))) for o in outs]
+        procs = [
+            ctx.Process(target=workers.call, args=(name, "k", gate.gate, gate.runs, str(o))) for o in outs
+        ]
         for p in procs:
             p.start()
 
@@ -64,7 +66,9 @@ def test_threads_coalesce_in_one_process(name: str, tmp_path: Path) -> None:
     results: list[mpflight.Result[object]] = []
     with mpflight.Group(name) as group:
         threads = [
-            threading.Thread(target=lambda: results.append(group.do_ex("k", workers.held, gate.gate, gate.runs, value)))
+            threading.Thread(
+                target=lambda: results.append(group.do_ex("k", workers.held, gate.gate, gate.runs, value))
+            )
             for _ in range(16)
         ]
         for t in threads:
@@ -99,7 +103,9 @@ def test_threads_coalesce_across_processes(name: str, tmp_path: Path) -> None:
     outs = [tmp_path / "a", tmp_path / "b"]
     ctx = mp_context("spawn")
     with mpflight.Group(name) as group:
-        procs = [ctx.Process(target=_threads_in_child, args=(name, gate.gate, gate.runs, str(o))) for o in outs]
+        procs = [
+            ctx.Process(target=_threads_in_child, args=(name, gate.gate, gate.runs, str(o))) for o in outs
+        ]
         for p in procs:
             p.start()
         wait_until(lambda: waiting(group, "k") == 15, "15 waiting threads in two processes")

@@ -107,7 +107,9 @@ def test_results_are_not_serialized_for_local_waiters(name: str, tmp_path: Path)
     value = object()
     owner_box: list[object] = []
     with mpflight.Group(name) as group:
-        owner = threading.Thread(target=lambda: owner_box.append(group.do("k", workers.held, gate.gate, gate.runs, value)))
+        owner = threading.Thread(
+            target=lambda: owner_box.append(group.do("k", workers.held, gate.gate, gate.runs, value))
+        )
         owner.start()
         wait_until(lambda: gate.executions() == 1, "the owner to run fn")
         joiners = [join_in_thread(group, "k") for _ in range(2)]
@@ -162,5 +164,10 @@ def test_full_dev_shm_gives_waiters_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     kind, owner_kind, owner_len, exitcode, message = proc.stdout.split(" ", 4)
-    assert (kind, owner_kind, owner_len, exitcode) == ("SerializationError", "value", str(16 * 1024 * 1024), "0")
+    assert (kind, owner_kind, owner_len, exitcode) == (
+        "SerializationError",
+        "value",
+        str(16 * 1024 * 1024),
+        "0",
+    )
     assert "no room" in message

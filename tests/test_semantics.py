@@ -28,7 +28,9 @@ def test_owner_shared_is_true_exactly_when_someone_joined(name: str, tmp_path: P
     gate = Gate(tmp_path)
     box: list[mpflight.Result[object]] = []
     with mpflight.Group(name) as group, mpflight.Group(name, timeout=0.05) as impatient:
-        owner = threading.Thread(target=lambda: box.append(group.do_ex("k", workers.held, gate.gate, gate.runs, 1)))
+        owner = threading.Thread(
+            target=lambda: box.append(group.do_ex("k", workers.held, gate.gate, gate.runs, 1))
+        )
         owner.start()
         wait_until(lambda: gate.executions() == 1, "the owner to run fn")
         with pytest.raises(TimeoutError):
@@ -60,7 +62,9 @@ def test_error_reaches_every_caller_of_the_call(name: str, tmp_path: Path) -> No
     assert [type(box[0]) for _, box in joiners] == [ValueError] * 3
 
 
-def test_nobody_joins_a_call_that_is_completing(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nobody_joins_a_call_that_is_completing(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Go 8fcdb60: while the owner writes its outcome, a new caller starts a new call instead of joining."""
     writing = threading.Event()
     release = threading.Event()
@@ -77,7 +81,9 @@ def test_nobody_joins_a_call_that_is_completing(name: str, tmp_path: Path, monke
     out = tmp_path / "joiner"
     with mpflight.Group(name) as group:
         box: list[object] = []
-        owner = threading.Thread(target=lambda: box.append(group.do("k", workers.held, gate.gate, gate.runs, "old")))
+        owner = threading.Thread(
+            target=lambda: box.append(group.do("k", workers.held, gate.gate, gate.runs, "old"))
+        )
         owner.start()
         wait_until(lambda: gate.executions() == 1, "the owner to run fn")
         joiner = ctx.Process(target=workers.call, args=(name, "k", gate.gate, str(tmp_path / "x"), str(out)))
@@ -115,11 +121,15 @@ def test_forget_starts_a_new_call_and_the_old_one_cannot_touch_it(name: str, tmp
         wait_until(lambda: new_gate.executions() == 1, "a new call after forget")
         new_waiter = threading.Thread(target=caller, args=("new", new_gate))
         new_waiter.start()
-        wait_until(lambda: waiting(group, "k") == 1 and len(group.inflight()) == 2, "a waiter on the new call")
+        wait_until(
+            lambda: waiting(group, "k") == 1 and len(group.inflight()) == 2, "a waiter on the new call"
+        )
         old_gate.open()
         old_owner.join(DEADLINE)
         old_waiter.join(DEADLINE)
-        assert [c.state for c in group.inflight()] == ["running"], "the old completion left the new call alone"
+        assert [c.state for c in group.inflight()] == ["running"], (
+            "the old completion left the new call alone"
+        )
         assert waiting(group, "k") == 1
         new_gate.open()
         new_owner.join(DEADLINE)
@@ -179,7 +189,9 @@ def _hold_keys_and_join(name: str, keys: list[str | bytes], tmp_path: Path, slot
     with mpflight.Group(name) as group:
         owners = []
         for i, key in enumerate(keys):
-            p = ctx.Process(target=_own_and_report, args=(name, key, gate.gate, gate.runs, str(tmp_path / f"o{i}")))
+            p = ctx.Process(
+                target=_own_and_report, args=(name, key, gate.gate, gate.runs, str(tmp_path / f"o{i}"))
+            )
             p.start()
             owners.append(p)
             wait_until(lambda i=i: gate.executions() == i + 1, f"owner {i} to run fn")

@@ -43,7 +43,9 @@ def held_factory(gate: str, runs: str, factory: str) -> object:
     return FACTORIES[factory]()
 
 
-def own(name: str, key: str | bytes, gate: str, runs: str, factory: str, out: str, **group_options: object) -> None:
+def own(
+    name: str, key: str | bytes, gate: str, runs: str, factory: str, out: str, **group_options: object
+) -> None:
     """Own the call for key (fn held by the gate); write the owner's outcome, pickled, to out."""
     arm()
     with mpflight.Group(name, **group_options) as group:  # type: ignore[arg-type]
@@ -87,7 +89,7 @@ def _rich() -> object:
     return {
         (1, 2): [None, True, 2**70, -(2**65), 1.5, "s", b"b", (3, (4,)), {5, 6}, frozenset({7})],
         7: {datetime.date(2024, 1, 2): datetime.timedelta(days=1, microseconds=5)},
-        None: [datetime.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc), datetime.time(1, 2)],
+        None: [datetime.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC), datetime.time(1, 2)],
         frozenset({1}): [decimal.Decimal("1.10"), uuid.UUID(int=12345)],
         b"k": ((((((((((("deep",),),),),),),),),),),),
     }

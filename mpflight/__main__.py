@@ -1,0 +1,7 @@
+"""``python -m mpflight``: the same as the ``mpflight`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
