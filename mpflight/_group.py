@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import signal
 import threading
 import time
 import zlib
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, NamedTuple, ParamSpec, TypeVar
 
-from . import _codec, _owner
+from . import _codec, _faults, _owner
 from ._errors import AbortError, DeadlockError, MPFlightError, SerializationError, short_key
 from ._layout import (
     C_ABORTS,
@@ -89,8 +88,6 @@ HOUSEKEEPING_INTERVAL: Final = 1.0
 # Encoded results up to 2**32 - 1 bytes: the slot's length field is a u32.
 MAX_RESULT_BYTES: Final = 0xFFFFFFFF
 
-_FAULT: Final = os.environ.get("MPFLIGHT_FAULT") or None
-
 # What _try_join returns besides a generation (>= 0).
 _NO_RECORD: Final = -1
 _OWNER_GONE: Final = -2
@@ -98,12 +95,6 @@ _NOT_JOINED: Final = -3
 
 _tables: dict[str, Table] = {}
 _tables_lock = threading.Lock()
-
-
-def _fault(step: str) -> None:
-    """Fault injection for the crash tests: SIGKILL ourselves at ``step`` when MPFLIGHT_FAULT names it."""
-    if step == _FAULT:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Result(NamedTuple, Generic[T]):
@@ -291,7 +282,7 @@ class Group(Generic[T]):
                 if join == _OWNER_GONE:  # its call was aborted; start a new one
                     index = -1
                 elif join == _NO_RECORD:
-                    t.counters[C_FALLBACKS] += 1
+                    t.bump(C_FALLBACKS)
                     full = "waiter records"
             if index < 0:
                 index = t.mm.find(b"\0", t.geo.state_map + home, t.geo.state_map + t.slots)
@@ -301,7 +292,7 @@ class Group(Generic[T]):
                     index -= t.geo.state_map
                     gen = self._claim(t, index, home, kind, raw, ident, pid, start, tid)
                 else:
-                    t.counters[C_FALLBACKS] += 1
+                    t.bump(C_FALLBACKS)
                     full = "slots"
         if join >= 0 or (index >= 0 and join != _NO_RECORD):
             # While this thread is inside the table, closing the handle must not unmap it.
@@ -362,9 +353,9 @@ class Group(Generic[T]):
             len(raw),
         )  # fmt: skip
         t.mm[off + S_KEY : off + S_KEY + len(ident)] = ident
-        _fault("claim")
+        _faults.reached("claim")
         t.states[index] = RUNNING
-        t.homes[home] += 1
+        t.homes[home] = (t.homes[home] + 1) & 0xFFFFFFFF
         return gen
 
     def _try_join(self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int) -> int:
@@ -377,24 +368,29 @@ class Group(Generic[T]):
         gen = t.gen(index)
         owner = t.u32(off + S_OWNER_PID)
         if owner != pid:
+            # A cheap look before joining: a pid that is gone is a dead owner (zombies and reused
+            # pids are caught by the waiters' identity checks).
             try:
+                if not 0 < owner <= _owner.PID_MAX:
+                    raise ProcessLookupError
                 os.kill(owner, 0)
             except ProcessLookupError:
                 self._abort(t, index, gen, "owner died")
                 return _OWNER_GONE
             except PermissionError:
                 pass  # another user's process: alive
-        self._check_cycle(t, index, key, pid, tid)
+        if "cycle-check" not in _faults.DISABLED:
+            self._check_cycle(t, index, key, pid, tid)
         r = t.mm.find(b"\0", t.geo.record_map, t.geo.record_map + t.records)
         if r < 0:
             return _NO_RECORD
         r -= t.geo.record_map
         RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
         t.rmap[r] = 1
-        _fault("join")
+        _faults.reached("join")
         t.set_u32(off + S_WAITERS, t.u32(off + S_WAITERS) + 1)
         t.set_u32(off + S_JOINS, t.u32(off + S_JOINS) + 1)
-        t.counters[C_JOINS] += 1
+        t.bump(C_JOINS)
         if owner == pid:
             local = t.local.get((index, gen))
             if local is None:
@@ -468,12 +464,12 @@ class Group(Generic[T]):
                 # Our call was aborted under us (we were taken for dead): nobody waits for us.
                 return False
             home, flags, _, joins = COMPLETION.unpack_from(t.mm, off + S_HOME)
-            t.counters[C_RUNS] += 1
+            t.bump(C_RUNS)
             if error is not None and isinstance(error, Exception):
-                t.counters[C_ERRORS] += 1
+                t.bump(C_ERRORS)
             if joins == 0:
                 if flags & JOINABLE:
-                    t.homes[home] -= 1
+                    t.unhome(home)
                 t.states[index] = FREE
                 return False
             t.unjoin(index)
@@ -483,7 +479,7 @@ class Group(Generic[T]):
             if local is not None:
                 local.value, local.error = value, error
             remote = waiters - (local.waiting if local is not None else 0)
-        _fault("completing")
+        _faults.reached("completing")
         where, length = RESULT_LOCAL, 0
         if remote > 0:
             where, length = self._write_outcome(t, index, gen, value, error)
@@ -491,7 +487,7 @@ class Group(Generic[T]):
             t.mm[off + S_RESULT_WHERE] = where
             t.set_u32(off + S_RESULT_LEN, length)
             t.states[index] = DONE
-            _fault("publish")
+            _faults.reached("publish")
             waiters = t.u32(off + S_WAITERS)
             segment = t.free(index, gen) if waiters == 0 else None
         if segment is not None:
@@ -501,9 +497,9 @@ class Group(Generic[T]):
         return True
 
     def _post(self, t: Table, index: int, times: int) -> None:
-        if _FAULT == "woken" and times > 1:
+        if _faults.FAULT == "woken" and times > 1:
             t.sems.post(index, 1)
-            _fault("woken")
+            _faults.reached("woken")
         t.sems.post(index, times)
 
     def _write_outcome(
@@ -525,16 +521,16 @@ class Group(Generic[T]):
             )
         if len(payload) <= RESULT_CAP:
             off = t.slot_off(index) + S_RESULT
-            if _FAULT == "result":
+            if _faults.FAULT == "result":
                 t.mm[off : off + len(payload) // 2] = payload[: len(payload) // 2]
-                _fault("result")
+                _faults.reached("result")
             t.mm[off : off + len(payload)] = payload
             return RESULT_INLINE, len(payload)
         name = segment_name(self.name, index, gen)
         try:
-            if _FAULT == "result":
+            if _faults.FAULT == "result":
                 write_segment(name, payload[: len(payload) // 2], self.mode)
-                _fault("result")
+                _faults.reached("result")
             write_segment(name, payload, self.mode)
         except SegmentFull as e:
             log.warning("mpflight table %r: %s", self.name, e)
@@ -558,23 +554,30 @@ class Group(Generic[T]):
             while True:
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
                 t.sems.wait(index, wait)
-                if t.states[index] == DONE and t.gen(index) == gen:
+                state = t.states[index]
+                if state == DONE and t.gen(index) == gen:
                     break
-                if t.gen(index) != gen or t.states[index] == FREE:
+                if t.gen(index) != gen or state == FREE:
                     raise AbortError(key, owner[0], "the call was lost (the table was repaired)")
+                if state > DONE:
+                    raise MPFlightError(
+                        f"mpflight table {self.name!r} is damaged: slot {index} state {state}"
+                    )
                 now = time.monotonic()
                 if now >= check_at:
                     check_at = now + interval
-                    if not _owner.is_alive(*owner):
+                    if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
                         with t:
                             self._abort(t, index, gen, "owner died")
                         continue
+                    if "table-identity" not in _faults.DISABLED and t.file.replaced():
+                        t.checked = -HOUSEKEEPING_INTERVAL  # the next call moves to the new table
                 if deadline is not None and now >= deadline:
                     with t:
                         if t.states[index] == DONE and t.gen(index) == gen:
                             break
                         self._leave(t, index, gen, record, began)
-                        t.counters[C_TIMEOUTS] += 1
+                        t.bump(C_TIMEOUTS)
                     raise TimeoutError(
                         f"gave up waiting {self.timeout} s for the call of key {short_key(key)}"
                     )
@@ -614,13 +617,21 @@ class Group(Generic[T]):
                 if t.rmap[record] == 1:
                     self._leave(t, index, gen, record, began, served=True)
 
-    def _leave(self, t: Table, index: int, gen: int, record: int, began: float, served: bool = False) -> None:
-        """Under the lock: drop this waiter's record; the last reader of a DONE call frees its slot."""
+    def _leave(
+        self, t: Table, index: int, gen: int, record: int, began: float | None, served: bool = False
+    ) -> None:
+        """Under the lock: drop a waiter's record; the last reader of a DONE call frees its slot.
+
+        ``began`` is when this thread began to wait; None when reclaiming a dead waiter's record.
+        """
         t.rmap[record] = 0
-        self._set_blocked(t, 0, 0)
-        t.counters[C_WAIT_NS] += int((time.monotonic() - began) * 1e9)
+        if began is not None:
+            self._set_blocked(t, 0, 0)
+            t.bump(C_WAIT_NS, int((time.monotonic() - began) * 1e9))
         if served:
-            t.counters[C_SHARED] += 1
+            t.bump(C_SHARED)
+        if index >= t.slots:
+            return
         if t.gen(index) != gen or t.states[index] == FREE:
             return
         off = t.slot_off(index)
@@ -648,7 +659,7 @@ class Group(Generic[T]):
         t.mm[off + S_RESULT_WHERE] = RESULT_INLINE
         t.set_u32(off + S_RESULT_LEN, len(payload))
         t.states[index] = DONE
-        t.counters[C_ABORTS] += 1
+        t.bump(C_ABORTS)
         unlink_segment(segment_name(self.name, index, gen))  # an owner may die while writing one
         waiters = t.u32(off + S_WAITERS)
         if waiters == 0:
@@ -687,7 +698,10 @@ class Group(Generic[T]):
             raw, complete = t.mm[off + S_KEY : off + S_KEY + min(key_len, KEY_CAP)], True
         if kind & KEY_BYTES:
             return raw, complete
-        return raw.decode("utf-8", "surrogatepass" if complete else "replace"), complete
+        try:
+            return raw.decode("utf-8", "surrogatepass"), complete
+        except UnicodeDecodeError:  # a prefix cut inside a character, or a damaged slot
+            return raw.decode("utf-8", "replace"), False
 
     def inflight(self) -> list[InflightCall]:
         """The calls in flight now, oldest first (a snapshot: it may be stale when it returns)."""
@@ -744,6 +758,8 @@ class Group(Generic[T]):
 
         dead_calls = [(i, gen) for i, gen, pid, start in owners if not live(pid, start)]
         dead_waiters = [(r, rec) for r, rec in waiters if not live(rec[0], rec[2])]
+        if "dead-waiters" in _faults.DISABLED:
+            dead_waiters = []
         with t:
             for i, gen in dead_calls:
                 if t.gen(i) == gen and t.states[i] in (RUNNING, COMPLETING):
@@ -751,7 +767,7 @@ class Group(Generic[T]):
                     reclaimed["calls"] += 1
             for r, rec in dead_waiters:
                 if t.rmap[r] == 1 and RECORD.unpack_from(t.mm, t.geo.record(r)) == rec:
-                    self._leave(t, rec[1], rec[4], r, time.monotonic())
+                    self._leave(t, rec[1], rec[4], r, None)
                     reclaimed["waiters"] += 1
             expected = {
                 segment_name(self.name, i, t.gen(i)).lstrip("/")
@@ -778,7 +794,7 @@ class Group(Generic[T]):
     def _housekeeping(self, t: Table) -> Table:
         """At most once per HOUSEKEEPING_INTERVAL: follow the name to a new table; reclaim stuck calls."""
         t.checked = time.monotonic()
-        if t.file.replaced():
+        if "table-identity" not in _faults.DISABLED and t.file.replaced():
             log.warning("mpflight table %r was removed or replaced under this process; moving to the new one",
                         self.name)  # fmt: skip
             with _tables_lock:

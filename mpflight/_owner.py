@@ -14,14 +14,21 @@ from typing import Final
 
 import psutil
 
+from . import _faults
+
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 _ATTEMPTS: Final = 5  # a clock stepped this many times in a row between two reads is not a clock
+
+# Linux never hands out pids above 2**22 (PID_MAX_LIMIT); a larger one read from a table is garbage.
+PID_MAX: Final = 1 << 22
 
 _identity: tuple[int, int] | None = None
 
 
 def _start_ticks(proc: psutil.Process) -> int:
     """Start time of ``proc`` in clock ticks since boot, immune to steps of the wall clock."""
+    if "boot-relative" in _faults.DISABLED:
+        return round(proc.create_time() * _TICKS)
     for _ in range(_ATTEMPTS):
         before = psutil.boot_time()
         created = psutil.Process(proc.pid).create_time()  # a fresh object: Process caches create_time
@@ -44,16 +51,18 @@ def start_ticks(pid: int) -> int | None:
     """Start ticks of the live process ``pid``, or None when there is none (or it is a zombie)."""
     try:
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        if proc.status() == psutil.STATUS_ZOMBIE and "zombie-check" not in _faults.DISABLED:
             return None
         return _start_ticks(proc)
-    except psutil.NoSuchProcess:  # ZombieProcess is a subclass: also dead
+    except psutil.ZombieProcess:
+        return None if "zombie-check" not in _faults.DISABLED else -1
+    except psutil.NoSuchProcess:
         return None
 
 
 def is_alive(pid: int, ticks: int) -> bool:
     """True when the process that was (pid, ticks) still runs: not gone, not a zombie, not a reused pid."""
-    if pid <= 0:
+    if not 0 < pid <= PID_MAX:
         return False
     try:
         found = start_ticks(pid)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
-import signal
 import threading
 import time
 from typing import Final
 
-from . import _owner
+from . import _faults, _owner
 from ._errors import MPFlightError
 from ._layout import (
     COUNTERS,
@@ -63,8 +61,6 @@ DONE: Final = SlotState.DONE.value
 # Keys longer than this are refused (ValueError): bounds what a caller hashes and what a slot's key
 # length field may claim.
 MAX_KEY_BYTES: Final = 64 * 1024
-
-_INIT_FAULT: Final = os.environ.get("MPFLIGHT_FAULT") == "init"
 
 
 class LocalCall:
@@ -141,8 +137,7 @@ class Table:
                 mm, 0, MAGIC, LAYOUT_VERSION, 0, slots, SLOT_SIZE, KEY_CAP, RESULT_CAP, g.records,
                 RECORD_SIZE, len(name), _owner.pid_namespace(), time.time(), name,
             )  # fmt: skip
-            if _INIT_FAULT:
-                _die()
+            _faults.reached("init")
             mm[H_READY : H_READY + 4] = (1).to_bytes(4, "little")
         return g
 
@@ -171,7 +166,7 @@ class Table:
             raise MPFlightError(f"{what} belongs to group {name[:name_len]!r}: two names share one digest")
         if slots is not None and slots != t_slots:
             raise MPFlightError(f"{what} exists with {t_slots} slots, not {slots}: unlink it to resize")
-        if pidns not in (0, _owner.pid_namespace()):
+        if pidns not in (0, _owner.pid_namespace()) and "pidns-check" not in _faults.DISABLED:
             raise MPFlightError(
                 f"{what} is used by processes in another pid namespace, whose pids this process cannot "
                 "check: give each container its own /dev/shm, or share the pid namespace too"
@@ -182,8 +177,10 @@ class Table:
 
     def __enter__(self) -> Table:
         self.file.lock.acquire()
+        if _faults.FAULT:
+            _faults.reached("locked")
         mm = self.mm
-        if mm[H_DIRTY]:
+        if mm[H_DIRTY] and "repair" not in _faults.DISABLED:
             try:
                 self.repair()
             except BaseException:
@@ -212,15 +209,27 @@ class Table:
         return int.from_bytes(self.mm[off : off + 4], "little")
 
     def set_u32(self, off: int, value: int) -> None:
-        self.mm[off : off + 4] = value.to_bytes(4, "little")
+        self.mm[off : off + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
 
     def unjoin(self, index: int) -> None:
         """Under the lock: the call in slot ``index`` takes no new joiners from now on."""
-        off = self.slot_off(index) + S_FLAGS
-        flags = self.u32(off)
+        off = self.slot_off(index)
+        flags = self.u32(off + S_FLAGS)
         if flags & JOINABLE:
-            self.set_u32(off, flags & ~JOINABLE)
-            self.homes[self.u32(self.slot_off(index) + S_HOME)] -= 1
+            self.set_u32(off + S_FLAGS, flags & ~JOINABLE)
+            self.unhome(self.u32(off + S_HOME))
+
+    def unhome(self, home: int) -> None:
+        """Under the lock: one joinable call fewer has ``home`` as its home slot."""
+        if home >= self.slots or self.homes[home] == 0:
+            # Only a damaged table gets here: raising leaves the dirty byte set, so it is repaired.
+            raise MPFlightError(f"mpflight table {self.group!r} is damaged: home count of slot {home}")
+        self.homes[home] -= 1
+
+    def bump(self, counter: int, n: int = 1) -> None:
+        """Under the lock: add to a shared counter (wrapping, so garbage in it cannot raise)."""
+        c = self.counters
+        c[counter] = (c[counter] + n) & 0xFFFFFFFFFFFFFFFF
 
     def free(self, index: int, gen: int) -> str | None:
         """Under the lock: make slot ``index`` FREE. Returns its segment's name to unlink, if it has one."""
@@ -305,8 +314,3 @@ class Table:
             v.release()
         self.mm.close()
         self.file.close()
-
-
-def _die() -> None:
-    """Fault injection: SIGKILL this process at a named step (MPFLIGHT_FAULT), as a crash would."""
-    os.kill(os.getpid(), signal.SIGKILL)
