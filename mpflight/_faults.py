@@ -18,6 +18,7 @@ MECHANISMS: Final = frozenset(
     {
         "owner-check",  # waiters check the owner's identity on every check interval
         "zombie-check",  # a zombie counts as dead
+        "start-time",  # an owner is (pid, start time), not a bare pid
         "boot-relative",  # start times are ticks since boot, not epoch seconds that move with the clock
         "repair",  # the next lock holder repairs what a dead holder half-wrote
         "table-identity",  # processes notice that their table was removed or replaced

@@ -353,8 +353,9 @@ class Group(Generic[T]):
             len(raw),
         )  # fmt: skip
         t.mm[off + S_KEY : off + S_KEY + len(ident)] = ident
-        _faults.reached("claim")
         t.states[index] = RUNNING
+        if _faults.FAULT:
+            _faults.reached("claim")
         t.homes[home] = (t.homes[home] + 1) & 0xFFFFFFFF
         return gen
 
@@ -625,6 +626,8 @@ class Group(Generic[T]):
         ``began`` is when this thread began to wait; None when reclaiming a dead waiter's record.
         """
         t.rmap[record] = 0
+        if _faults.FAULT:
+            _faults.reached("leave")
         if began is not None:
             self._set_blocked(t, 0, 0)
             t.bump(C_WAIT_NS, int((time.monotonic() - began) * 1e9))
@@ -654,6 +657,7 @@ class Group(Generic[T]):
         log.warning("mpflight table %r: owner %d of key %s died; aborting its call", self.name, pid,
                     short_key(self._slot_key(t, index)[0]))  # fmt: skip
         t.unjoin(index)
+        _faults.reached("abort")
         payload = _codec.pack_abort(reason)
         t.mm[off + S_RESULT : off + S_RESULT + len(payload)] = payload
         t.mm[off + S_RESULT_WHERE] = RESULT_INLINE

@@ -180,7 +180,9 @@ class Table:
         if _faults.FAULT:
             _faults.reached("locked")
         mm = self.mm
-        if mm[H_DIRTY] and "repair" not in _faults.DISABLED:
+        if mm[H_DIRTY]:
+            if "repair" in _faults.DISABLED:
+                return self  # work on the damage as it is; __exit__ leaves the byte set for others
             try:
                 self.repair()
             except BaseException:
@@ -190,7 +192,7 @@ class Table:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
+        if exc_type is None and "repair" not in _faults.DISABLED:
             self.mm[H_DIRTY] = 0
         # else: we left halfway; the byte stays set and the next holder repairs (maybe us).
         self.file.lock.release()

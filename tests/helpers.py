@@ -50,9 +50,10 @@ class Gate:
         return len(Path(self.runs).read_text().split())
 
 
-def start_subprocess(*args: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "tests.workers", *args], env=env, cwd=ROOT)
+def start_subprocess(*args: str, **env: str) -> subprocess.Popen[bytes]:
+    """``python -m tests.workers ARGS`` with extra environment (MPFLIGHT_FAULT=..., ...)."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    return subprocess.Popen([sys.executable, "-m", "tests.workers", *args], env=full_env, cwd=ROOT)
 
 
 def mp_context(method: str) -> Any:
@@ -113,3 +114,42 @@ def shared_outcome(name: str, key: str | bytes, factory: str, tmp: Path, **optio
         proc.join(DEADLINE)
         assert proc.exitcode == 0
     return box[0], pickle.loads(out.read_bytes())
+
+
+def table_problems(group: mpflight.Group[Any]) -> list[str]:
+    """Every broken invariant of the table, read under its lock (which repairs it first, unless disabled)."""
+    from mpflight import _layout
+    from mpflight._table import DONE, FREE, RUNNING
+
+    t = group._table()
+    problems = []
+    with t:
+        counts = [0] * t.slots
+        for r in range(t.records):
+            if t.rmap[r] == 0:
+                continue
+            _, slot, _, _, gen, _ = _layout.RECORD.unpack_from(t.mm, t.geo.record(r))
+            if t.rmap[r] != 1 or slot >= t.slots or t.states[slot] == FREE or t.gen(slot) != gen:
+                problems.append(f"record {r} points at no call")
+            else:
+                counts[slot] += 1
+        homes = [0] * t.slots
+        for i in range(t.slots):
+            state = t.states[i]
+            if state == FREE:
+                continue
+            home, flags, waiters, _ = _layout.COMPLETION.unpack_from(t.mm, t.slot_off(i) + _layout.S_HOME)
+            if state > DONE:
+                problems.append(f"slot {i} in state {state}")
+            if waiters != counts[i]:
+                problems.append(f"slot {i} counts {waiters} waiters, {counts[i]} are registered")
+            if state == DONE and counts[i] == 0:
+                problems.append(f"slot {i} is DONE with nobody to read it")
+            if flags & _layout.JOINABLE:
+                if state == RUNNING and home < t.slots:
+                    homes[home] += 1
+                else:
+                    problems.append(f"slot {i} is joinable in state {state}")
+        if t.homes.tolist() != homes:
+            problems.append(f"home counts {t.homes.tolist()} != {homes}")
+    return problems

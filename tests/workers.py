@@ -7,12 +7,17 @@ then holds until the GATE file exists; the test releases it once ``inflight()`` 
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
+import hashlib
 import json
 import os
 import pickle
+import random
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import mpflight
@@ -95,6 +100,21 @@ def _rich() -> object:
     }
 
 
+def _sigkill() -> object:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+def _exit() -> object:
+    os._exit(3)
+
+
+def _segfault() -> object:
+    faulthandler.disable()  # die quietly, as a crash in a C extension would
+    ctypes.string_at(0)
+    raise AssertionError("unreachable")
+
+
 FACTORIES = {
     "value": lambda: "the value",
     "rich": _rich,
@@ -103,7 +123,75 @@ FACTORIES = {
     "keyboard_interrupt": _keyboard_interrupt,
     "unserializable": _unserializable,
     "big": _big,
+    "sigkill": _sigkill,
+    "exit": _exit,
+    "segfault": _segfault,
 }
+
+
+def join(
+    name: str,
+    key: str,
+    out: str,
+    timeout: str = "0",
+    check_interval: str = "0.2",
+    clock_step: str = "0",
+    checks: str = "",
+) -> None:
+    """Join the call for key (never running fn); write the outcome as JSON to out.
+
+    ``clock_step`` seconds are added to the boot time psutil reads, as an NTP step would; each
+    check of the owner's identity appends a line to the file ``checks``.
+    """
+    arm()
+    if checks:
+        from mpflight import _group
+
+        real_is_alive = _group._owner.is_alive
+
+        def logged(pid: int, ticks: int) -> bool:
+            alive = real_is_alive(pid, ticks)
+            with open(checks, "a") as f:
+                f.write(f"{alive}\n")
+            return alive
+
+        _group._owner.is_alive = logged  # type: ignore[assignment]
+    if float(clock_step):
+        import psutil
+
+        real = psutil._psplatform.boot_time  # what both psutil.boot_time() and create_time() read
+
+        psutil._psplatform.boot_time = lambda: real() + float(clock_step)
+        psutil.boot_time = psutil._psplatform.boot_time
+    options = {"timeout": float(timeout)} if float(timeout) else {}
+    with mpflight.Group(name, check_interval=float(check_interval), **options) as group:  # type: ignore[arg-type]
+        try:
+            res = group.do_ex(key, _never)
+            outcome = {"kind": "value", "value": describe(res.value), "shared": res.shared}
+        except mpflight.AbortError as e:
+            outcome = {"kind": "AbortError", "key": e.key, "owner_pid": e.owner_pid, "reason": e.reason}
+        except Exception as e:
+            outcome = {"kind": type(e).__name__, "message": str(e)}
+    Path(out).write_text(json.dumps(outcome))
+
+
+def describe(value: object) -> object:
+    """value itself when JSON carries it; for bytes, their length and digest."""
+    if isinstance(value, bytes):
+        return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    return value
+
+
+def _never() -> object:
+    raise AssertionError("a joiner ran fn")
+
+
+def calls(name: str, *keys: str) -> None:
+    """Run do() on each key in turn, fn returning the key."""
+    arm()
+    with mpflight.Group(name) as group:
+        for key in keys:
+            assert group.do(key, lambda key=key: key) == key
 
 
 def call(name: str, key: str, gate: str, runs: str, out: str, value: object = "v") -> None:
@@ -118,11 +206,101 @@ def call(name: str, key: str, gate: str, runs: str, out: str, value: object = "v
     Path(out).write_text(json.dumps(outcome))
 
 
+def gc(name: str, out: str) -> None:
+    arm()
+    with mpflight.Group(name) as group:
+        Path(out).write_text(json.dumps(group.gc()))
+
+
+def check(name: str, out: str) -> None:
+    """Write the table's broken invariants (tests.helpers.table_problems) as JSON to out."""
+    from tests.helpers import table_problems
+
+    arm()
+    with mpflight.Group(name) as group:
+        Path(out).write_text(json.dumps(table_problems(group)))
+
+
 def main(argv: list[str]) -> None:
-    if argv[0] == "call":
-        call(*argv[1:6])
-    else:
-        raise SystemExit(f"unknown command {argv[0]!r}")
+    commands = {
+        "call": call,
+        "own": lambda *a: own(*a[:6]),
+        "join": join,
+        "calls": calls,
+        "check": check,
+        "gc": gc,
+    }
+    commands[argv[0]](*argv[1:])
+
+
+# -- the chaos test's children (tests/test_chaos.py) ---------------------------------------------------
+
+CHAOS_KEYS = [f"k{i:02d}" for i in range(20)]
+
+
+def chaos_value(key: str, large: bool = False) -> str:
+    """fn's value for key: short (inline in the slot), or large (over 640 bytes encoded: a segment)."""
+    return f"value:{key}" + (f";{key}" * 200 if large else "")
+
+
+def chaos_error(key: str) -> str:
+    """The message of the ValueError that fn raises for key."""
+    return f"error:{key}"
+
+
+def _chaos_fn(key: str, rng: random.Random) -> str:
+    time.sleep(rng.random() * 0.005)
+    roll = rng.random()
+    if roll < 0.2:
+        raise ValueError(chaos_error(key))
+    return chaos_value(key, large=roll < 0.4)
+
+
+def _type_name(e: BaseException) -> str:
+    return f"{type(e).__module__}.{type(e).__qualname__}"
+
+
+def chaos(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
+    """Call CHAOS_KEYS at random until the stop file exists; append one JSON line per finished call to log.
+
+    The log is created once the group is attached (the test kills only workers that got that far).
+    Each line goes out in one write on an O_APPEND descriptor: a SIGKILL can tear at most the last one.
+    """
+    arm()
+    rng = random.Random(seed)
+    with mpflight.Group(name, timeout=timeout) as group:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            while not os.path.exists(stop):
+                key = rng.choice(CHAOS_KEYS)
+                line: dict[str, object] = {"key": key}
+                try:
+                    value, shared = group.do_ex(key, _chaos_fn, key, rng)
+                    line.update(kind="value", value=value, shared=shared)
+                except Exception as e:
+                    line.update(kind="error", type=_type_name(e), args=[repr(a) for a in e.args])
+                    if isinstance(e, mpflight.AbortError):
+                        line["error_key"] = e.key
+                    elif not isinstance(e, ValueError | TimeoutError):
+                        line["traceback"] = traceback.format_exc()
+                data = (json.dumps(line) + "\n").encode()
+                if os.write(fd, data) != len(data):
+                    raise RuntimeError(f"short write to {log}")
+        finally:
+            os.close(fd)
+
+
+def chaos_fresh(name: str, out: str, timeout: float) -> None:
+    """Call every chaos key once, alone; write {key: [value, shared]} (or [error type, message]) to out."""
+    arm()
+    results: dict[str, list[object]] = {}
+    with mpflight.Group(name, timeout=timeout) as group:
+        for key in CHAOS_KEYS:
+            try:
+                results[key] = list(group.do_ex(key, chaos_value, key))
+            except Exception as e:
+                results[key] = [_type_name(e), str(e)]
+    Path(out).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
