@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -144,30 +146,38 @@ FULL_SHM_SCRIPT = textwrap.dedent(
         gate.open()
         thread.join(60)
         proc.join(60)
-    import pickle
-    owner = pickle.loads(out.read_bytes())
-    print(type(box[0]).__name__, owner[0], len(owner[1]), proc.exitcode, str(box[0]))
+    import json, pickle
+    owner = pickle.loads(out.read_bytes()) if out.exists() else None
+    print(json.dumps({
+        "waiter": type(box[0]).__name__, "message": str(box[0]), "owner_exit": proc.exitcode,
+        "owner": None if owner is None else [owner[0], len(owner[1])],
+    }))
     mpflight.unlink("full")
     """
 )
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare(1)")
-def test_full_dev_shm_gives_waiters_a_clear_error(tmp_path: Path) -> None:
-    """A 16 MiB result into an 8 MiB /dev/shm (a private tmpfs in a mount namespace): no SIGBUS."""
+@pytest.mark.parametrize("disabled", ["", "reserve"])
+def test_full_dev_shm_gives_waiters_a_clear_error(tmp_path: Path, disabled: str) -> None:
+    """A 16 MiB result into an 8 MiB /dev/shm (a private tmpfs in a mount namespace): no SIGBUS.
+
+    Without reserving the segment's space first, the owner dies of SIGBUS writing it.
+    """
     script = tmp_path / "full.py"
     script.write_text(FULL_SHM_SCRIPT)
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
          f'mount -t tmpfs -o size=8m tmpfs /dev/shm && exec "{sys.executable}" "{script}" "{ROOT}" "{tmp_path}"'],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, env=dict(os.environ, MPFLIGHT_TEST_DISABLE=disabled),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    kind, owner_kind, owner_len, exitcode, message = proc.stdout.split(" ", 4)
-    assert (kind, owner_kind, owner_len, exitcode) == (
-        "SerializationError",
-        "value",
-        str(16 * 1024 * 1024),
-        "0",
-    )
-    assert "no room" in message
+    got = json.loads(proc.stdout)
+    if disabled:
+        assert got["owner_exit"] == -signal.SIGBUS
+        assert got["waiter"] == "AbortError"
+    else:
+        assert got["owner_exit"] == 0
+        assert got["owner"] == ["value", 16 * 1024 * 1024]
+        assert got["waiter"] == "SerializationError"
+        assert "no room" in got["message"]
