@@ -40,11 +40,13 @@ from ._layout import (
     COMPLETION,
     COUNTER_NAMES,
     DIGEST_SIZE,
+    HEADER,
     JOINABLE,
     KEY_BYTES,
     KEY_CAP,
     KEY_DIGEST,
     KEY_STR,
+    MAGIC,
     MAX_SLOTS,
     RECORD,
     RESULT_CAP,
@@ -68,8 +70,18 @@ from ._layout import (
     S_RESULT_WHERE,
     S_WAITERS,
     SLOT,
+    SLOT_SIZE,
 )
-from ._locks import SegmentFull, map_segment, segment_name, unlink_all, unlink_segment, write_segment
+from ._locks import (
+    SEP,
+    SegmentFull,
+    map_segment,
+    segment_name,
+    table_headers,
+    unlink_all,
+    unlink_segment,
+    write_segment,
+)
 from ._table import COMPLETING, DONE, FREE, MAX_KEY_BYTES, RUNNING, LocalCall, Table
 
 log = logging.getLogger("mpflight")
@@ -116,6 +128,22 @@ class InflightCall:
     owner_alive: bool
     result_bytes: int | None  # size of the encoded outcome once published
     key_complete: bool
+
+
+def _slot_key(slot: bytes) -> tuple[str | bytes, bool]:
+    """The key a slot's bytes hold, for display, and whether it is the whole key."""
+    kind = slot[S_KEY_KIND]
+    key_len = int.from_bytes(slot[S_KEY_LEN : S_KEY_LEN + 8], "little")
+    if kind & KEY_DIGEST:
+        raw, complete = slot[S_KEY + DIGEST_SIZE : S_KEY + KEY_CAP], False
+    else:
+        raw, complete = slot[S_KEY : S_KEY + min(key_len, KEY_CAP)], True
+    if kind & KEY_BYTES:
+        return bytes(raw), complete
+    try:
+        return raw.decode("utf-8", "surrogatepass"), complete
+    except UnicodeDecodeError:  # a prefix cut inside a character, or a damaged slot
+        return raw.decode("utf-8", "replace"), False
 
 
 def _validate_name(name: object) -> str:
@@ -169,6 +197,19 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def tables() -> list[str]:
+    """The names of the mpflight tables of this layout version on this machine, read from their headers."""
+    names = []
+    for os_name, header in table_headers():
+        fields = HEADER.unpack_from(header) if header is not None else None
+        if fields is not None and fields[0] == MAGIC and fields[2] == 1:
+            raw = fields[12][: fields[9]]
+            names.append(raw.decode("utf-8", "replace"))
+        else:  # unreadable or not initialized: the name in the object's own name
+            names.append(os_name.split(SEP, 1)[1])
+    return sorted(set(names))
 
 
 def unlink(name: str) -> bool:
@@ -685,54 +726,46 @@ class Group(Generic[T]):
                     t.unjoin(index)
 
     def stats(self) -> dict[str, int]:
-        """Counters of this table, kept in shared memory and so summed over every process."""
+        """Counters of this table, kept in shared memory and so summed over every process.
+
+        calls = runs + joins + fallbacks; shared counts the waiters that received an outcome;
+        wait_ns is the total time waiters spent waiting.
+        """
         t = self._table()
-        with t:
+        with t.peek():
             c = dict(zip(COUNTER_NAMES, t.counters.tolist(), strict=True))
         c["calls"] = c["runs"] + c["joins"] + c["fallbacks"]
         return c
 
     def _slot_key(self, t: Table, index: int) -> tuple[str | bytes, bool]:
         off = t.slot_off(index)
-        kind = t.mm[off + S_KEY_KIND]
-        key_len = int.from_bytes(t.mm[off + S_KEY_LEN : off + S_KEY_LEN + 8], "little")
-        if kind & KEY_DIGEST:
-            raw, complete = t.mm[off + S_KEY + DIGEST_SIZE : off + S_KEY + KEY_CAP], False
-        else:
-            raw, complete = t.mm[off + S_KEY : off + S_KEY + min(key_len, KEY_CAP)], True
-        if kind & KEY_BYTES:
-            return raw, complete
-        try:
-            return raw.decode("utf-8", "surrogatepass"), complete
-        except UnicodeDecodeError:  # a prefix cut inside a character, or a damaged slot
-            return raw.decode("utf-8", "replace"), False
+        return _slot_key(t.mm[off : off + SLOT_SIZE])
 
     def inflight(self) -> list[InflightCall]:
-        """The calls in flight now, oldest first (a snapshot: it may be stale when it returns)."""
+        """The calls in flight now, oldest first: a snapshot, copied under the lock, read outside it."""
         t = self._table()
-        rows = []
-        with t:
-            for index in range(t.slots):
-                state = t.states[index]
-                if state == FREE or state > DONE:
-                    continue
-                off = t.slot_off(index)
-                fields = SLOT.unpack_from(t.mm, off)
-                key, complete = self._slot_key(t, index)
-                rows.append((key, complete, state, fields))
+        with t.peek():
+            states = bytes(t.states)
+            copies = [
+                (states[i], bytes(t.mm[t.slot_off(i) : t.slot_off(i) + SLOT_SIZE]))
+                for i in range(t.slots)
+                if RUNNING <= states[i] <= DONE
+            ]
         calls = []
-        for key, complete, state, f in rows:
-            pid, start, started, waiters, where, length = f[5], f[7], f[9], f[3], f[12], f[14]
+        names = {RUNNING: "running", COMPLETING: "completing", DONE: "done"}
+        for state, slot in copies:
+            _, _, _, waiters, _, pid, _, start, _, started, _, _, where, _, length, _ = SLOT.unpack_from(slot)
+            key, complete = _slot_key(slot)
             calls.append(
                 InflightCall(
                     key=key,
                     owner_pid=pid,
                     started=started,
                     waiters=waiters,
-                    state={RUNNING: "running", COMPLETING: "completing", DONE: "done"}[state],
+                    state=names[state],
                     owner_alive=pid == os.getpid() or _owner.is_alive(pid, start),
                     result_bytes=length
-                    if state == DONE and where in (RESULT_INLINE, RESULT_SEGMENT)
+                    if where in (RESULT_INLINE, RESULT_SEGMENT) and state == DONE
                     else None,
                     key_complete=complete,
                 )

@@ -18,6 +18,7 @@ import hashlib
 import mmap
 import os
 import pwd
+import re
 import stat
 import sys
 import threading
@@ -27,7 +28,7 @@ import posix_ipc
 
 from . import _faults
 from ._errors import MPFlightError
-from ._layout import LAYOUT_VERSION
+from ._layout import HEADER_SIZE, LAYOUT_VERSION
 
 # Every object name starts with this, then the layout version: `ls /dev/shm | grep mpf` finds them all.
 PREFIX: Final = f"/mpf{LAYOUT_VERSION}@"
@@ -116,6 +117,12 @@ class TableFile:
                 break
             except posix_ipc.ExistentialError:
                 if not create:
+                    versions = other_versions(group)
+                    if versions:
+                        raise MPFlightError(
+                            f"mpflight table {group!r} has layout version {versions[0]}; this mpflight reads "
+                            f"version {LAYOUT_VERSION}: use the mpflight that made it"
+                        ) from None
                     raise NoSuchTable(group) from None
                 # Removed between our two opens: try creating again.
             except posix_ipc.PermissionsError:
@@ -319,3 +326,46 @@ def unlink_all(group: str) -> bool:
     except posix_ipc.ExistentialError:
         pass
     return removed
+
+
+_TABLE_ENTRY: Final = re.compile(r"mpf(\d+)@([A-Za-z0-9._-]+)")
+
+
+def other_versions(group: str) -> list[int]:
+    """Layout versions other than ours of which a table named ``group`` exists here."""
+    found = []
+    for entry in _shm_entries():
+        m = _TABLE_ENTRY.fullmatch(entry)
+        if m and m.group(2) == group and int(m.group(1)) != LAYOUT_VERSION:
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def _shm_entries() -> list[str]:
+    try:
+        return os.listdir(SHM_DIR)
+    except OSError:
+        return []
+
+
+def table_headers() -> list[tuple[str, bytes | None]]:
+    """(OS name, first header bytes or None if unreadable) of every table of our layout version here."""
+    found: list[tuple[str, bytes | None]] = []
+    for entry in sorted(_shm_entries()):
+        m = _TABLE_ENTRY.fullmatch(entry)
+        if not m or int(m.group(1)) != LAYOUT_VERSION:
+            continue
+        header: bytes | None = None
+        try:
+            shm = posix_ipc.SharedMemory(f"/{entry}", 0, read_only=True)
+        except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+            found.append((f"/{entry}", None))
+            continue
+        try:
+            if os.fstat(shm.fd).st_size >= HEADER_SIZE:
+                with mmap.mmap(shm.fd, HEADER_SIZE, prot=mmap.PROT_READ) as mm:
+                    header = mm[:HEADER_SIZE]
+        finally:
+            shm.close_fd()
+        found.append((f"/{entry}", header))
+    return found

@@ -7,10 +7,12 @@ itself (claim, join, publish) lives in _group; this module owns the bytes and th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import threading
 import time
+from collections.abc import Iterator
 from typing import Final
 
 from . import _faults, _owner
@@ -196,6 +198,15 @@ class Table:
             self.mm[H_DIRTY] = 0
         # else: we left halfway; the byte stays set and the next holder repairs (maybe us).
         self.file.lock.release()
+
+    @contextlib.contextmanager
+    def peek(self) -> Iterator[None]:
+        """Hold the lock only to copy a consistent snapshot: no repair, no write (for inspection)."""
+        self.file.lock.acquire()
+        try:
+            yield
+        finally:
+            self.file.lock.release()
 
     # -- slot fields -----------------------------------------------------------------------------
 
