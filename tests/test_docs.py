@@ -91,3 +91,17 @@ def test_snippet_runs(doc: str, index: int, code: str, tmp_path: Path) -> None:
     finally:
         for name in names:
             mpflight.unlink(name)
+
+
+def test_captured_inspect_output_matches_the_command() -> None:
+    """docs/operations.md shows output captured from a real run; its columns are still the command's."""
+    from mpflight import _cli
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    [captured] = re.findall(r"```text\n(.*?)```", text, re.S)
+    header = _cli._inflight_rows([], 0.0, _cli._Style(open(os.devnull, "w")))[0]  # noqa: SIM115
+    headers = [line.split() for line in captured.splitlines() if line.startswith("KEY")]
+    assert headers
+    assert all(h == header for h in headers)
+    tables = re.findall(r"^table (\S+): (\d+) slots, (\d+) in flight$", captured, re.M)
+    assert tables == [("thumbnails", "1024", "3"), ("thumbnails", "1024", "1")]
