@@ -7,7 +7,7 @@
 
 from ._codec import Codec
 from ._errors import AbortError, DeadlockError, MPFlightError, RemoteError, SerializationError
-from ._group import Group, InflightCall, Result, tables, unlink
+from ._group import Group, InflightCall, Result, coalesce, tables, unlink
 from ._locks import NoSuchTable
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "RemoteError",
     "Result",
     "SerializationError",
+    "coalesce",
     "tables",
     "unlink",
 ]

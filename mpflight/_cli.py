@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 from ._errors import MPFlightError
 from ._group import Group, InflightCall, tables, unlink
@@ -100,7 +100,7 @@ def _plain(cell: str) -> str:
 # -- commands ------------------------------------------------------------------------------------------
 
 
-def _open(name: str) -> Group[Any]:
+def _open(name: str) -> Group:
     return Group(name, create=False)
 
 
@@ -156,7 +156,7 @@ def _call_json(c: InflightCall, now: float) -> dict[str, object]:
     }
 
 
-def render_inspect(group: Group[Any], style: _Style) -> str:
+def render_inspect(group: Group, style: _Style) -> str:
     calls = group.inflight()
     now = time.time()
     head = f"table {group.name}: {group.slots} slots, {len(calls)} in flight"
@@ -258,7 +258,7 @@ def _expensive(key: str, delay: float) -> str:
 
 def _demo_worker(name: str, keys: int, calls: int, delay: float, start: float) -> None:
     rng = random.Random(os.getpid())
-    with Group[str](name) as group:
+    with Group(name) as group:
         time.sleep(max(0.0, start - time.time()))  # released together, like a herd
         for _ in range(calls):
             key = f"key-{rng.randrange(keys)}"
@@ -281,7 +281,7 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
             p.start()
         for p in procs:
             p.join()
-        with Group[object](name) as group:
+        with Group(name) as group:
             stats = group.stats()
     finally:
         unlink(name)

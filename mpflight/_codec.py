@@ -524,6 +524,33 @@ def pack_value(value: object, codec: Codec | None) -> bytes:
         raise SerializationError(f"cannot carry the value: {_describe(exc)}") from exc
 
 
+def pack_key(value: object, codec: Codec | None) -> bytes:
+    """Canonical bytes of ``value``, for keys made of arguments: values equal by type and content,
+    dicts and sets in any order, give equal bytes, and unequal ones different bytes.
+
+    Every node is tagged with its container type, so the mapping is one to one; dict items and set
+    members are sorted by their own canonical bytes. Raises SerializationError for a value the codec
+    cannot carry (a key must be made of what can cross processes).
+    """
+    try:
+        return pack_value(_canonical(value, codec), codec)
+    except RecursionError:
+        raise SerializationError("cannot make a key of a value nested this deep") from None
+
+
+def _canonical(value: object, codec: Codec | None) -> object:
+    kind = type(value)
+    if kind is dict:
+        items = cast(dict[object, object], value).items()
+        return ("d", tuple(sorted((pack_key(k, codec), _canonical(v, codec)) for k, v in items)))
+    if kind is set or kind is frozenset:
+        members = cast(set[object], value)
+        return ("s" if kind is set else "f", tuple(sorted(pack_key(m, codec) for m in members)))
+    if kind is list or kind is tuple:
+        return ("l" if kind is list else "t", tuple(_canonical(m, codec) for m in cast(list[object], value)))
+    return ("v", value)
+
+
 def _clean(text: str) -> str:
     """Return ``text`` as valid UTF-8 (a str with lone surrogates cannot be packed)."""
     try:

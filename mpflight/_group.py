@@ -15,16 +15,21 @@ The protocol (docs/design.md has the state machine and the argument):
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import re
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, Generic, NamedTuple, ParamSpec, TypeVar
+from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import _codec, _faults, _owner
 from ._errors import AbortError, DeadlockError, MPFlightError, SerializationError, short_key
@@ -87,6 +92,7 @@ from ._table import COMPLETING, DONE, FREE, MAX_KEY_BYTES, RUNNING, LocalCall, T
 log = logging.getLogger("mpflight")
 
 T = TypeVar("T")
+R = TypeVar("R")
 P = ParamSpec("P")
 
 _NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -100,12 +106,17 @@ HOUSEKEEPING_INTERVAL: Final = 1.0
 # Encoded results up to 2**32 - 1 bytes: the slot's length field is a u32.
 MAX_RESULT_BYTES: Final = 0xFFFFFFFF
 
+# A caller's role in its call, as _enter finds it.
+_OWN: Final = 0  # claimed a slot: runs fn and publishes
+_JOIN: Final = 1  # registered as a waiter of a running call
+_ALONE: Final = 2  # no slot or record free: runs fn without coalescing
+
 # What _try_join returns besides a generation (>= 0).
 _NO_RECORD: Final = -1
 _OWNER_GONE: Final = -2
-_NOT_JOINED: Final = -3
 
 _tables: dict[str, Table] = {}
+_handles: weakref.WeakSet[Group] = weakref.WeakSet()  # handles with a thread pool
 _tables_lock = threading.Lock()
 
 
@@ -180,6 +191,26 @@ def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
         return t
 
 
+class _Detached(Exception):
+    """A waiter whose future was cancelled leaves its call (raised inside _wait)."""
+
+
+def _owned(t: Table) -> list[tuple[int, int]]:
+    """The calls this thread owns in t, innermost last (for cycle checks)."""
+    owned: list[tuple[int, int]] | None = getattr(t.tls, "owned", None)
+    if owned is None:
+        owned = t.tls.owned = []
+    return owned
+
+
+def _task_done(task: asyncio.Task[Result[object]]) -> None:
+    """An owner's task ended: forget it, and take its exception (its caller may have gone)."""
+    for t in list(_tables.values()):
+        t.tasks.discard(task)
+    if not task.cancelled():
+        task.exception()
+
+
 def _close_unused(t: Table) -> None:
     """Unmap a table that no handle of this process refers to and no thread is inside."""
     with _tables_lock:
@@ -190,6 +221,8 @@ def _close_unused(t: Table) -> None:
 def _after_fork_in_child() -> None:
     global _tables_lock
     _tables_lock = threading.Lock()
+    for handle in list(_handles):
+        handle._executor = None  # its threads were not forked
     _owner.forget_identity()
     for t in _tables.values():
         if not t.closed:
@@ -197,6 +230,67 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _decorator(
+    group: Callable[[], Group], key: Callable[..., str | bytes] | None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(func)
+        prefix = f"{func.__module__}.{func.__qualname__}".encode()
+
+        def make_key(args: tuple[object, ...], kwargs: dict[str, object]) -> str | bytes:
+            if key is not None:
+                return key(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            codec = group().codec
+            parts = [prefix]
+            for name, value in bound.arguments.items():
+                try:
+                    parts.append(_codec.pack_key((name, value), codec))
+                except SerializationError as e:
+                    raise TypeError(
+                        f"cannot make a key of argument {name!r} of {func.__qualname__}: {e}; pass key="
+                    ) from None
+            made = b"\0".join(parts)
+            # Past the key length limit, the digest stands for it (slots keep a digest anyway).
+            return made if len(made) <= MAX_KEY_BYTES else prefix + b"\0" + hashlib.sha256(made).digest()
+
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def coalesced_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await group().do_async(make_key(args, kwargs), func, *args, **kwargs)
+
+            return coalesced_async  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def coalesced(*args: P.args, **kwargs: P.kwargs) -> R:
+            return group().do(make_key(args, kwargs), func, *args, **kwargs)
+
+        return coalesced
+
+    return decorate
+
+
+def coalesce(
+    group_name: str, *, key: Callable[..., str | bytes] | None = None, **group_options: Any
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """``@mpflight.coalesce("name")``: as ``Group.coalesce``, on a group opened in each process on
+    its first call (so importing a module opens nothing, and forked workers open their own)."""
+    _validate_name(group_name)
+    opened: list[Group] = []
+    lock = threading.Lock()
+
+    def group() -> Group:
+        if not opened:
+            with lock:
+                if not opened:
+                    opened.append(Group(group_name, **group_options))
+        return opened[0]
+
+    return _decorator(group, key)
 
 
 def tables() -> list[str]:
@@ -221,7 +315,7 @@ def unlink(name: str) -> bool:
     return unlink_all(_validate_name(name))
 
 
-class Group(Generic[T]):
+class Group:
     """A named table of calls in flight, shared by every process of the machine that opens the name.
 
     ``Group(name)`` creates the table or attaches to it. The handle is safe to use from many threads;
@@ -255,11 +349,12 @@ class Group(Generic[T]):
         self.max_result_bytes = max_result_bytes
         self.codec = codec
         self._create = create
+        self._executor: ThreadPoolExecutor | None = None
         self._t: Table | None = _attach(self.name, slots, mode, create)
 
     # -- life ----------------------------------------------------------------------------------------
 
-    def __enter__(self) -> Group[T]:
+    def __enter__(self) -> Group:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -274,6 +369,8 @@ class Group(Generic[T]):
         t, self._t = self._t, None
         if t is None:
             return
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         with _tables_lock:
             t.refs -= 1
             if t.refs == 0 and _tables.get(self.name) is t:
@@ -304,50 +401,220 @@ class Group(Generic[T]):
 
     def do_ex(self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Result[T]:
         """As ``do``, and say whether the outcome was shared with another caller."""
+        t = self._table_for(fn)
+        role, index, gen, record = self._enter(t, key, threading.get_ident(), blocking=True)
+        if role == _ALONE:
+            return Result(fn(*args, **kwargs), False)
+        # While this thread is inside the table, closing the handle must not unmap it.
+        t.active.append(None)
+        try:
+            if role == _JOIN:
+                return self._wait(t, index, gen, record, key)
+            return self._run(t, index, gen, fn, args, kwargs)
+        finally:
+            t.active.pop()
+            if t.refs == 0 and not t.active:
+                _close_unused(t)
+
+    def do_future(
+        self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[Result[T]]:
+        """As ``do_ex``, without blocking: a Future that resolves to the Result (Go's DoChan).
+
+        When this caller owns the call, fn runs in the handle's thread pool; a wait runs in a thread
+        of its own, never in that pool. Cancelling the future detaches this caller only: the call
+        goes on for everyone else. Every outcome resolves the future, aborts and timeouts included.
+        """
+        t = self._table_for(fn)
+        future: Future[Result[T]] = Future()
+        role, index, gen, record = self._enter(t, key, id(future), blocking=False)
+        t.active.append(None)
+        if role == _JOIN:
+            threading.Thread(
+                target=self._wait_into, args=(t, future, index, gen, record, key), daemon=True,
+                name=f"mpflight-wait-{self.name}",
+            ).start()  # fmt: skip
+        else:
+            self._pool().submit(self._run_into, t, future, role, index, gen, fn, args, kwargs)
+        return future
+
+    @overload
+    async def do_async(
+        self, key: str | bytes, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
+
+    @overload
+    async def do_async(
+        self, key: str | bytes, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
+
+    async def do_async(self, key: str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """As ``do``, for asyncio: fn is a coroutine function (awaited on this loop) or a plain one
+        (run in the loop's default executor). Waiting never blocks the loop nor takes an executor
+        thread. Cancelling the awaiting task detaches this caller only, also when it owns the call:
+        the call goes on and every other caller still gets its outcome.
+        """
+        t = self._table_for(fn)
+        task = asyncio.current_task()
+        token = id(task) if task is not None else threading.get_ident()
+        role, index, gen, record = self._enter(t, key, token, blocking=False)
+        if role == _JOIN:
+            waited: Future[Result[Any]] = Future()
+            t.active.append(None)
+            threading.Thread(
+                target=self._wait_into, args=(t, waited, index, gen, record, key), daemon=True,
+                name=f"mpflight-wait-{self.name}",
+            ).start()  # fmt: skip
+            return (await asyncio.wrap_future(waited)).value
+        loop = asyncio.get_running_loop()
+        if role == _ALONE:
+            return await self._call_async(loop, fn, args, kwargs)
+        t.active.append(None)
+        runner = loop.create_task(self._own_async(loop, t, index, gen, fn, args, kwargs))
+        t.tasks.add(runner)
+        runner.add_done_callback(_task_done)
+        return (await asyncio.shield(runner)).value
+
+    async def _call_async(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., object], args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> object:  # fmt: skip
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+    async def _own_async(
+        self, loop: asyncio.AbstractEventLoop, t: Table, index: int, gen: int, fn: Callable[..., object],
+        args: tuple[object, ...], kwargs: dict[str, object],
+    ) -> Result[object]:  # fmt: skip
+        """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
+        try:
+            try:
+                if inspect.iscoroutinefunction(fn):
+                    value = await fn(*args, **kwargs)
+                else:
+                    call = functools.partial(self._adopted, t, index, gen, fn, args, kwargs)
+                    value = await loop.run_in_executor(None, call)
+            except BaseException as e:
+                self._complete(t, index, gen, None, e)
+                raise
+            return Result(value, self._complete(t, index, gen, value, None))
+        finally:
+            self._left(t)
+
+    def _adopted(
+        self, t: Table, index: int, gen: int, fn: Callable[..., object], args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> object:  # fmt: skip
+        """Run fn in this thread as the owner of (index, gen): the slot names this thread from now on."""
+        with t:
+            if t.gen(index) == gen and t.states[index] == RUNNING:
+                at = t.slot_off(index) + S_OWNER_TID
+                t.mm[at : at + 8] = threading.get_ident().to_bytes(8, "little")
+        owned = _owned(t)
+        owned.append((index, gen))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            owned.pop()
+
+    def _run_into(
+        self, t: Table, future: Future[Result[T]], role: int, index: int, gen: int, fn: Callable[..., T],
+        args: tuple[object, ...], kwargs: dict[str, object],
+    ) -> None:  # fmt: skip
+        """In the pool: run fn (as the call's owner, or alone) and resolve the future."""
+        try:
+            if role == _ALONE:
+                result = Result(fn(*args, **kwargs), False)
+            else:
+                try:
+                    value = self._adopted(t, index, gen, fn, args, kwargs)
+                except BaseException as e:
+                    self._complete(t, index, gen, None, e)
+                    raise
+                result = Result(value, self._complete(t, index, gen, value, None))  # type: ignore[arg-type]
+        except BaseException as e:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(e)
+        else:
+            if future.set_running_or_notify_cancel():
+                future.set_result(result)
+        finally:
+            self._left(t)
+
+    def _wait_into(
+        self, t: Table, future: Future[Result[T]], index: int, gen: int, record: int, key: str | bytes
+    ) -> None:
+        """In a thread of its own: wait for the call and resolve the future; leave if it is cancelled."""
+        try:
+            result: Result[T] = self._wait(t, index, gen, record, key, detached=future.cancelled)
+        except _Detached:
+            pass
+        except BaseException as e:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(e)
+        else:
+            if future.set_running_or_notify_cancel():
+                future.set_result(result)
+        finally:
+            self._left(t)
+
+    def _left(self, t: Table) -> None:
+        t.active.pop()
+        if t.refs == 0 and not t.active:
+            _close_unused(t)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The handle's thread pool for owners' fns, made on first use (and again after fork)."""
+        with _tables_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(thread_name_prefix=f"mpflight-{self.name}")
+                _handles.add(self)
+            return self._executor
+
+    def _table_for(self, fn: object) -> Table:
+        """The table for a new call: raises for a closed handle or a bad fn; housekeeping when due."""
         t = self._t
         if t is None:
             raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        kind, raw, ident = _key_identity(key)
         if time.monotonic() - t.checked > HOUSEKEEPING_INTERVAL:
             t = self._housekeeping(t)
+        return t
+
+    def _enter(self, t: Table, key: object, tid: int, *, blocking: bool) -> tuple[int, int, int, int]:
+        """Under the lock: claim the key's call or join it. Returns (role, slot, generation, record).
+
+        ``tid`` names the caller (a thread, a task, a future) for re-entry and cycle checks;
+        ``blocking`` callers also note what their thread waits on, for the cycle checks of others.
+        """
+        kind, raw, ident = _key_identity(key)
         home = zlib.crc32(ident, kind) % t.slots
         pid, start = _owner.identity()
-        tid = threading.get_ident()
-        join = _NOT_JOINED
         with t:
             index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
             if index >= 0:
-                join = self._try_join(t, index, key, pid, start, tid)
-                if join == _OWNER_GONE:  # its call was aborted; start a new one
-                    index = -1
-                elif join == _NO_RECORD:
+                gen = self._try_join(t, index, key, pid, start, tid, blocking)  # type: ignore[arg-type]
+                if gen >= 0:
+                    return _JOIN, index, gen, t.tls.record
+                if gen == _NO_RECORD:
                     t.bump(C_FALLBACKS)
                     full = "waiter records"
-            if index < 0:
+                    index = -2
+                else:  # the owner was gone: its call is aborted; start a new one
+                    index = -1
+            if index == -1:
                 index = t.mm.find(b"\0", t.geo.state_map + home, t.geo.state_map + t.slots)
                 if index < 0:
                     index = t.mm.find(b"\0", t.geo.state_map, t.geo.state_map + home)
                 if index >= 0:
                     index -= t.geo.state_map
-                    gen = self._claim(t, index, home, kind, raw, ident, pid, start, tid)
-                else:
-                    t.bump(C_FALLBACKS)
-                    full = "slots"
-        if join >= 0 or (index >= 0 and join != _NO_RECORD):
-            # While this thread is inside the table, closing the handle must not unmap it.
-            t.active.append(None)
-            try:
-                if join >= 0:
-                    return self._wait(t, index, join, key)
-                return self._run(t, index, gen, fn, args, kwargs)
-            finally:
-                t.active.pop()
-                if t.refs == 0 and not t.active:
-                    _close_unused(t)
+                    return _OWN, index, self._claim(t, index, home, kind, raw, ident, pid, start, tid), -1
+                t.bump(C_FALLBACKS)
+                full = "slots"
         log.warning("mpflight table %r has no free %s: running fn without coalescing", self.name, full)
-        return Result(fn(*args, **kwargs), False)
+        return _ALONE, -1, -1, -1
 
     def _find(self, t: Table, kind: int, ident: bytes, key_len: int, home: int) -> int:
         """Under the lock: the slot of the joinable call for this key, or -1."""
@@ -400,7 +667,9 @@ class Group(Generic[T]):
         t.homes[home] = (t.homes[home] + 1) & 0xFFFFFFFF
         return gen
 
-    def _try_join(self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int) -> int:
+    def _try_join(
+        self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int, blocking: bool
+    ) -> int:
         """Under the lock: register as a waiter of the call in ``index``.
 
         Returns the call's generation; _OWNER_GONE when its owner is gone (the call is aborted:
@@ -438,7 +707,8 @@ class Group(Generic[T]):
             if local is None:
                 local = t.local[(index, gen)] = LocalCall()
             local.waiting += 1
-        self._set_blocked(t, index + 1, gen)
+        if blocking:
+            self._set_blocked(t, index + 1, gen)
         t.tls.record = r
         return gen
 
@@ -480,10 +750,7 @@ class Group(Generic[T]):
         args: tuple[object, ...],
         kwargs: dict[str, object],
     ) -> Result[T]:
-        tls = t.tls
-        owned = getattr(tls, "owned", None)
-        if owned is None:
-            owned = tls.owned = []
+        owned = _owned(t)
         owned.append((index, gen))
         try:
             value = fn(*args, **kwargs)
@@ -584,8 +851,14 @@ class Group(Generic[T]):
 
     # -- waiter ----------------------------------------------------------------------------------------
 
-    def _wait(self, t: Table, index: int, gen: int, key: str | bytes) -> Result[T]:
-        record = t.tls.record
+    def _wait(
+        self, t: Table, index: int, gen: int, record: int, key: str | bytes,
+        detached: Callable[[], bool] | None = None,
+    ) -> Result[T]:  # fmt: skip
+        """Wait for call (index, gen), registered as ``record``, and take its outcome.
+
+        ``detached`` is asked after every slice of waiting: True makes this caller leave (_Detached).
+        """
         began = time.monotonic()
         deadline = None if self.timeout is None else began + self.timeout
         off = t.slot_off(index)
@@ -596,6 +869,8 @@ class Group(Generic[T]):
             while True:
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
                 t.sems.wait(index, wait)
+                if detached is not None and detached():
+                    raise _Detached
                 state = t.states[index]
                 if state == DONE and t.gen(index) == gen:
                     break
@@ -711,6 +986,19 @@ class Group(Generic[T]):
             t.free(index, gen)
         else:
             t.sems.post(index, waiters)
+
+    def coalesce(
+        self, *, key: Callable[..., str | bytes] | None = None
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """A decorator: concurrent calls of the function with equal arguments share one execution.
+
+        The key is the function's module and qualified name with its arguments bound to its
+        signature (defaults applied, so ``f(1)`` and ``f(a=1)`` are one key), encoded canonically
+        through the codec (dict and set order do not matter). An argument that cannot be keyed is a
+        TypeError; ``key=`` (called with the same arguments) overrides. Async functions go through
+        ``do_async``, others through ``do``.
+        """
+        return _decorator(lambda: self, key)
 
     # -- the rest of the API -------------------------------------------------------------------------
 

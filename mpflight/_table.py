@@ -7,13 +7,14 @@ itself (claim, join, publish) lives in _group; this module owns the bytes and th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import mmap
 import threading
 import time
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 from . import _faults, _owner
 from ._errors import MPFlightError
@@ -102,6 +103,7 @@ class Table:
         self.tls = threading.local()
         self.refs = 0  # Group handles of this process (changed under _group's registry lock)
         self.active: list[None] = []  # one entry per thread inside a call (append and pop are atomic)
+        self.tasks: set[asyncio.Task[Any]] = set()  # asyncio owners' tasks, kept alive until they end
         self.checked = time.monotonic()
         self.seen_busy: set[tuple[int, int, int]] = set()
         self.closed = False

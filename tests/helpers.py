@@ -27,7 +27,7 @@ def wait_until(predicate: Callable[[], bool], what: str, deadline: float = DEADL
         time.sleep(0.002)
 
 
-def waiting(group: mpflight.Group[Any], key: str | bytes) -> int:
+def waiting(group: mpflight.Group, key: str | bytes) -> int:
     """How many callers wait on the running call for key (-1: no such call)."""
     for call in group.inflight():
         if call.key == key and call.state == "running":
@@ -80,7 +80,7 @@ def remote_owner(
     return proc, gate, out
 
 
-def join_in_thread(group: mpflight.Group[Any], key: str | bytes) -> tuple[Any, list[Any]]:
+def join_in_thread(group: mpflight.Group, key: str | bytes) -> tuple[Any, list[Any]]:
     """Call do_ex(key) in a thread (it should join a running call); returns (thread, [outcome])."""
     import threading
 
@@ -116,7 +116,7 @@ def shared_outcome(name: str, key: str | bytes, factory: str, tmp: Path, **optio
     return box[0], pickle.loads(out.read_bytes())
 
 
-def table_problems(group: mpflight.Group[Any]) -> list[str]:
+def table_problems(group: mpflight.Group) -> list[str]:
     """Every broken invariant of the table, read under its lock (which repairs it first, unless disabled)."""
     from mpflight import _layout
     from mpflight._table import DONE, FREE, RUNNING

@@ -21,6 +21,7 @@ def test_public_names() -> None:
         "RemoteError",
         "Result",
         "SerializationError",
+        "coalesce",
         "tables",
         "unlink",
     ]

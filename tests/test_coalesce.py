@@ -14,7 +14,7 @@ from tests.helpers import Gate, mp_context, read_outcomes, start_subprocess, wai
 N = 8
 
 
-def _collect(group: mpflight.Group[object], gate: Gate, outs: list[Path], join: object) -> None:
+def _collect(group: mpflight.Group, gate: Gate, outs: list[Path], join: object) -> None:
     wait_until(lambda: waiting(group, "k") == N - 1, f"{N - 1} waiters on the held call")
     gate.open()
     join()

@@ -70,7 +70,7 @@ def test_nobody_joins_a_call_that_is_completing(
     release = threading.Event()
     real = mpflight.Group._write_outcome
 
-    def slow_write(self: mpflight.Group[object], *args: object) -> tuple[int, int]:
+    def slow_write(self: mpflight.Group, *args: object) -> tuple[int, int]:
         writing.set()
         assert release.wait(DEADLINE)
         return real(self, *args)  # type: ignore[arg-type]
