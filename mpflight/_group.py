@@ -139,6 +139,7 @@ class InflightCall:
     owner_alive: bool
     result_bytes: int | None  # size of the encoded outcome once published
     key_complete: bool
+    waiter_pids: tuple[int, ...] = ()  # the process of each registered waiter (one per waiting thread)
 
 
 def _slot_key(slot: bytes) -> tuple[str | bytes, bool]:
@@ -1035,14 +1036,25 @@ class Group:
         with t.peek():
             states = bytes(t.states)
             copies = [
-                (states[i], bytes(t.mm[t.slot_off(i) : t.slot_off(i) + SLOT_SIZE]))
+                (i, states[i], bytes(t.mm[t.slot_off(i) : t.slot_off(i) + SLOT_SIZE]))
                 for i in range(t.slots)
                 if RUNNING <= states[i] <= DONE
             ]
+            in_use = bytes(t.rmap)
+            records = []
+            r = in_use.find(1)
+            while r >= 0:
+                records.append(RECORD.unpack_from(t.mm, t.geo.record(r)))
+                r = in_use.find(1, r + 1)
+        by_call: dict[tuple[int, int], list[int]] = {}
+        for pid, slot, _, _, gen, _ in records:
+            by_call.setdefault((slot, gen), []).append(pid)
         calls = []
         names = {RUNNING: "running", COMPLETING: "completing", DONE: "done"}
-        for state, slot in copies:
-            _, _, _, waiters, _, pid, _, start, _, started, _, _, where, _, length, _ = SLOT.unpack_from(slot)
+        for index, state, slot in copies:
+            gen, _, _, waiters, _, pid, _, start, _, started, _, _, where, _, length, _ = SLOT.unpack_from(
+                slot
+            )
             key, complete = _slot_key(slot)
             calls.append(
                 InflightCall(
@@ -1056,6 +1068,7 @@ class Group:
                     if where in (RESULT_INLINE, RESULT_SEGMENT) and state == DONE
                     else None,
                     key_complete=complete,
+                    waiter_pids=tuple(sorted(by_call.get((index, gen), ()))),
                 )
             )
         calls.sort(key=lambda c: c.started)
