@@ -770,7 +770,7 @@ class Group:
         """Publish the outcome of the call in ``index`` to its waiters; returns ``shared``."""
         off = t.slot_off(index)
         with t:
-            if t.gen(index) != gen or t.states[index] != RUNNING:
+            if t.gen(index) != gen or t.states[index] in (FREE, DONE):
                 # Our call was aborted under us (we were taken for dead): nobody waits for us.
                 return False
             home, flags, _, joins = COMPLETION.unpack_from(t.mm, off + S_HOME)
@@ -784,7 +784,7 @@ class Group:
                 return False
             t.unjoin(index)
             t.states[index] = COMPLETING
-            waiters = t.u32(off + S_WAITERS)
+            waiters = t.waiters_of(index)
             local = t.local.get((index, gen))
             if local is not None:
                 local.value, local.error = value, error
@@ -798,7 +798,7 @@ class Group:
             t.set_u32(off + S_RESULT_LEN, length)
             t.states[index] = DONE
             _faults.reached("publish")
-            waiters = t.u32(off + S_WAITERS)
+            waiters = t.waiters_of(index)
             segment = t.free(index, gen) if waiters == 0 else None
         if segment is not None:
             unlink_segment(segment)
@@ -982,7 +982,7 @@ class Group:
         t.states[index] = DONE
         t.bump(C_ABORTS)
         unlink_segment(segment_name(self.name, index, gen))  # an owner may die while writing one
-        waiters = t.u32(off + S_WAITERS)
+        waiters = t.waiters_of(index)
         if waiters == 0:
             t.free(index, gen)
         else:
@@ -1079,6 +1079,7 @@ class Group:
         t = self._table()
         reclaimed = {"calls": 0, "waiters": 0, "segments": 0}
         with t:
+            t.reconcile()  # counts that disagree with the records (damage) are set right first
             owners = [
                 (i, t.gen(i), t.u32(t.slot_off(i) + S_OWNER_PID),
                  int.from_bytes(t.mm[t.slot_off(i) + S_OWNER_START : t.slot_off(i) + 40], "little"))
@@ -1107,12 +1108,14 @@ class Group:
                 if t.rmap[r] == 1 and RECORD.unpack_from(t.mm, t.geo.record(r)) == rec:
                     self._leave(t, rec[1], rec[4], r, None)
                     reclaimed["waiters"] += 1
+            # Under the lock: an owner must take it to become COMPLETING before it makes a segment,
+            # so a segment that no COMPLETING or DONE call names now is an orphan.
             expected = {
                 segment_name(self.name, i, t.gen(i)).lstrip("/")
                 for i in range(t.slots)
                 if t.states[i] in (COMPLETING, DONE)
             }
-        reclaimed["segments"] = self._unlink_orphan_segments(expected)
+            reclaimed["segments"] = self._unlink_orphan_segments(expected)
         if any(reclaimed.values()):
             log.warning("mpflight table %r: reclaimed %s", self.name, reclaimed)
         return reclaimed

@@ -107,6 +107,9 @@ class Table:
         self.checked = time.monotonic()
         self.seen_busy: set[tuple[int, int, int]] = set()
         self.closed = False
+        self.damaged = (
+            False  # set under the lock when a derived field is found wrong: repair on the next entry
+        )
 
     # -- creation ------------------------------------------------------------------------------
 
@@ -123,9 +126,13 @@ class Table:
             if size >= HEADER_SIZE:
                 with mmap.mmap(f.fd, HEADER_SIZE) as head:
                     fields = HEADER.unpack_from(head, 0)
-                    ready = fields[2]
-                if ready == 1:
+                if fields[2] == 1:
                     return self._check(fields, size, slots)
+                # Not ready: its creator died halfway (or the byte was damaged). Keep the slot count it
+                # wrote, if any, so that processes that may have mapped it agree on the geometry.
+                written = fields[3]
+                if fields[0] == MAGIC and isinstance(written, int) and 1 <= written <= MAX_SLOTS:
+                    slots = written
             return self._initialize(slots or DEFAULT_SLOTS)
         finally:
             f.lock.release()
@@ -196,7 +203,9 @@ class Table:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None and "repair" not in _faults.DISABLED:
+        if self.damaged:
+            self.damaged = False  # the byte stays set: the next holder repairs what we found
+        elif exc_type is None and "repair" not in _faults.DISABLED:
             self.mm[H_DIRTY] = 0
         # else: we left halfway; the byte stays set and the next holder repairs (maybe us).
         self.file.lock.release()
@@ -237,9 +246,17 @@ class Table:
     def unhome(self, home: int) -> None:
         """Under the lock: one joinable call fewer has ``home`` as its home slot."""
         if home >= self.slots or self.homes[home] == 0:
-            # Only a damaged table gets here: raising leaves the dirty byte set, so it is repaired.
-            raise MPFlightError(f"mpflight table {self.group!r} is damaged: home count of slot {home}")
+            self.damaged = True  # only damage gets here; the call goes on, and the table is repaired
+            return
         self.homes[home] -= 1
+
+    def waiters_of(self, index: int) -> int:
+        """Under the lock: slot ``index``'s waiter count, which can never exceed the records."""
+        waiters = self.u32(self.slot_off(index) + S_WAITERS)
+        if waiters > self.records:
+            self.damaged = True
+            return self.records
+        return waiters
 
     def bump(self, counter: int, n: int = 1) -> None:
         """Under the lock: add to a shared counter (wrapping, so garbage in it cannot raise)."""
@@ -265,7 +282,13 @@ class Table:
         Primary: the state map, each slot's fixed fields, the record map and each record. Derived: home
         counts, waiter counts, DONE slots nobody reads any more. Anything out of bounds is dropped.
         """
-        log.warning("mpflight table %r: a process died holding its lock; repairing", self.group)
+        log.warning(
+            "mpflight table %r: a process died holding its lock, or it was damaged; repairing", self.group
+        )
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Under the lock: recompute what is derived (the repair; also what gc runs, quietly)."""
         slots, mm, states = self.slots, self.mm, self.states
         counts = [0] * slots
         for r in range(self.records):

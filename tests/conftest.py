@@ -16,10 +16,14 @@ def shm_entries(name: str) -> list[str]:
     return sorted(e for e in os.listdir("/dev/shm") if f"@{name}" in e)
 
 
+_made: list[str] = []  # the names this session's tests used
+
+
 @pytest.fixture
 def name(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh group name; afterwards, no result segment may be left, and unlink removes the rest."""
     group = f"t-{uuid.uuid4().hex[:12]}"
+    _made.append(group)
     yield group
     segments = [e for e in shm_entries(group) if "@r" in e]
     mpflight.unlink(group)
@@ -33,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    left = [e for e in os.listdir("/dev/shm") if "@t-" in e and "mpf" in e]
+    left = [e for e in os.listdir("/dev/shm") if any(f"@{n}" in e for n in _made)]
     if left:
         session.exitstatus = 1
         print(f"\n/dev/shm entries left by the tests: {left}")

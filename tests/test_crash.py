@@ -597,3 +597,53 @@ def test_threads_cycle_in_one_process_is_refused(name: str) -> None:
     assert b_waits.is_set()
     assert isinstance(results["b"], mpflight.DeadlockError)
     assert isinstance(results["a"], mpflight.DeadlockError)  # B's outcome, shared with A's owner
+
+
+def test_gc_never_unlinks_a_segment_being_written(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc lists /dev/shm while an owner moves to COMPLETING and writes its segment: the segment lives.
+
+    The owner's fn returns just as gc lists the segments; gc must decide what is an orphan under the
+    table lock, which the owner needs before it makes a segment.
+    """
+    gate = Gate(tmp_path)
+    owner_box: list[object] = []
+    about_to_lock = threading.Event()
+    real_acquire = mpflight._locks.TableLock.acquire
+    owner_thread: list[int] = []
+
+    def acquire(self: Any) -> None:
+        if threading.get_ident() in owner_thread:
+            about_to_lock.set()
+        real_acquire(self)
+
+    real_listdir = os.listdir
+
+    def listdir(path: Any) -> list[str]:
+        if path == "/dev/shm" and not about_to_lock.is_set():
+            gate.open()  # fn returns now; its owner goes for the lock to publish
+            assert about_to_lock.wait(DEADLINE)
+        return real_listdir(path)
+
+    with mpflight.Group(name) as group:
+
+        def own() -> None:
+            owner_thread.append(threading.get_ident())
+            owner_box.append(group.do("k", workers.held, gate.gate, gate.runs, "x" * 5000))
+
+        owner = threading.Thread(target=own)
+        owner.start()
+        wait_until(lambda: gate.executions() == 1, "the owner in fn")
+        waiter, out, _ = joiner(name, "k", tmp_path, "w")
+        wait_until(lambda: waiting(group, "k") == 1, "a waiter in another process")
+        os.kill(waiter.pid, signal.SIGSTOP)  # it reads only after gc is done
+        monkeypatch.setattr(mpflight._locks.TableLock, "acquire", acquire)
+        monkeypatch.setattr(mpflight._group.os, "listdir", listdir)
+        group.gc()
+        monkeypatch.undo()
+        owner.join(DEADLINE)
+        os.kill(waiter.pid, signal.SIGCONT)
+        assert waiter.wait(DEADLINE) == 0
+    assert owner_box == ["x" * 5000]
+    assert outcome(out) == {"kind": "value", "value": "x" * 5000, "shared": True}
