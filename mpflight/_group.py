@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from fcntl import LOCK_EX, LOCK_UN, flock
 from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import _codec, _faults, _owner
@@ -42,9 +43,9 @@ from ._layout import (
     C_SHARED,
     C_TIMEOUTS,
     C_WAIT_NS,
-    COMPLETION,
     COUNTER_NAMES,
     DIGEST_SIZE,
+    H_DIRTY,
     HEADER,
     JOINABLE,
     KEY_BYTES,
@@ -76,6 +77,8 @@ from ._layout import (
     S_WAITERS,
     SLOT,
     SLOT_SIZE,
+    U32S,
+    U64S,
 )
 from ._locks import (
     SEP,
@@ -105,6 +108,11 @@ DEFAULT_CHECK_INTERVAL: Final = 0.2
 HOUSEKEEPING_INTERVAL: Final = 1.0
 # Encoded results up to 2**32 - 1 bytes: the slot's length field is a u32.
 MAX_RESULT_BYTES: Final = 0xFFFFFFFF
+
+RUNNING_BYTE: Final = bytes((RUNNING,))
+# The inline uncontended path of do() is skipped while the tests inject faults or disable mechanisms,
+# so that every named step is reached through the one general path.
+_FAST: Final = not _faults.FAULT and not _faults.DISABLED
 
 # A caller's role in its call, as _enter finds it.
 _OWN: Final = 0  # claimed a slot: runs fn and publishes
@@ -194,14 +202,6 @@ def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
 
 class _Detached(Exception):
     """A waiter whose future was cancelled leaves its call (raised inside _wait)."""
-
-
-def _owned(t: Table) -> list[tuple[int, int]]:
-    """The calls this thread owns in t, innermost last (for cycle checks)."""
-    owned: list[tuple[int, int]] | None = getattr(t.tls, "owned", None)
-    if owned is None:
-        owned = t.tls.owned = []
-    return owned
 
 
 def _task_done(task: asyncio.Task[Result[object]]) -> None:
@@ -398,24 +398,85 @@ class Group:
         value, or the exception fn raised. Waits are bounded by the handle's ``timeout``
         (TimeoutError); a dead owner is reported as AbortError.
         """
-        return self.do_ex(key, fn, *args, **kwargs).value
+        return self._call(key, fn, args, kwargs)[0]
 
     def do_ex(self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Result[T]:
         """As ``do``, and say whether the outcome was shared with another caller."""
-        t = self._table_for(fn)
-        role, index, gen, record = self._enter(t, key, threading.get_ident(), blocking=True)
-        if role == _ALONE:
-            return Result(fn(*args, **kwargs), False)
+        value, shared = self._call(key, fn, args, kwargs)
+        return Result(value, shared)
+
+    def _call(
+        self, key: str | bytes, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[T, bool]:
+        t = self._t
+        claimed = None
+        if _FAST and t is not None and callable(fn) and time.monotonic() - t.checked <= HOUSEKEEPING_INTERVAL:
+            kind = KEY_STR if type(key) is str else KEY_BYTES if type(key) is bytes else -1
+            if kind >= 0:
+                raw = key.encode("utf-8", "surrogatepass") if kind == KEY_STR else key  # type: ignore[union-attr]
+                if len(raw) <= KEY_CAP:
+                    claimed = self._claim_if_free(t, kind, raw)  # type: ignore[arg-type]
+        if claimed is not None:
+            assert t is not None
+            index, gen = claimed
+            role, record = _OWN, -1
+        else:
+            t = self._table_for(fn)
+            role, index, gen, record = self._enter(t, key, threading.get_ident(), blocking=True)
+            if role == _ALONE:
+                return fn(*args, **kwargs), False
         # While this thread is inside the table, closing the handle must not unmap it.
         t.active.append(None)
         try:
             if role == _JOIN:
                 return self._wait(t, index, gen, record, key)
-            return self._run(t, index, gen, fn, args, kwargs)
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as e:
+                self._complete(t, index, gen, None, e)
+                raise
+            return value, self._complete(t, index, gen, value, None)
         finally:
             t.active.pop()
             if t.refs == 0 and not t.active:
                 _close_unused(t)
+
+    def _claim_if_free(self, t: Table, kind: int, raw: bytes) -> tuple[int, int] | None:
+        """The uncontended path of ``do``, in one short hold of the lock: when no call of the key's
+        home is joinable and the table needs no repair, claim a free slot. None sends the caller down
+        the general path (_enter), which handles everything else.
+        """
+        home = zlib.crc32(raw, kind) % t.slots
+        tl = t.thread_lock
+        tl.acquire()
+        try:
+            flock(t.fd, LOCK_EX)
+        except BaseException:
+            tl.release()
+            raise
+        mm = t.mm
+        try:
+            index = -1
+            if not mm[H_DIRTY] and not t.homes[home]:
+                state_map = t.geo.state_map
+                index = mm.find(b"\0", state_map + home, state_map + t.slots)
+                if index < 0:
+                    index = mm.find(b"\0", state_map, state_map + home)
+            if index < 0:
+                flock(t.fd, LOCK_UN)
+                return None
+            index -= state_map
+            mm[H_DIRTY] = 1
+            pid, start = _owner.identity()
+            gen = self._claim(t, index, home, kind, raw, raw, pid, start, threading.get_ident())
+            mm[H_DIRTY] = 0
+            flock(t.fd, LOCK_UN)
+            return index, gen
+        except BaseException:
+            flock(t.fd, LOCK_UN)  # the dirty byte, if set, stays set: the next holder repairs
+            raise
+        finally:
+            tl.release()
 
     def do_future(
         self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -510,14 +571,8 @@ class Group:
         """Run fn in this thread as the owner of (index, gen): the slot names this thread from now on."""
         with t:
             if t.gen(index) == gen and t.states[index] == RUNNING:
-                at = t.slot_off(index) + S_OWNER_TID
-                t.mm[at : at + 8] = threading.get_ident().to_bytes(8, "little")
-        owned = _owned(t)
-        owned.append((index, gen))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            owned.pop()
+                t.u64s[index * U64S + S_OWNER_TID // 8] = threading.get_ident()
+        return fn(*args, **kwargs)
 
     def _run_into(
         self, t: Table, future: Future[Result[T]], role: int, index: int, gen: int, fn: Callable[..., T],
@@ -605,12 +660,13 @@ class Group:
                     index = -2
                 else:  # the owner was gone: its call is aborted; start a new one
                     index = -1
-            if index == -1:
-                index = t.mm.find(b"\0", t.geo.state_map + home, t.geo.state_map + t.slots)
+            if index == -1:  # nobody runs this key: claim the first free slot from its home on
+                state_map = t.geo.state_map
+                index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
                 if index < 0:
-                    index = t.mm.find(b"\0", t.geo.state_map, t.geo.state_map + home)
+                    index = t.mm.find(b"\0", state_map, state_map + home)
                 if index >= 0:
-                    index -= t.geo.state_map
+                    index -= state_map
                     return _OWN, index, self._claim(t, index, home, kind, raw, ident, pid, start, tid), -1
                 t.bump(C_FALLBACKS)
                 full = "slots"
@@ -655,8 +711,8 @@ class Group:
         tid: int,
     ) -> int:
         """Under the lock: make FREE slot ``index`` this caller's RUNNING call. Returns its generation."""
-        off = t.slot_off(index)
-        gen = (t.gen(index) + 1) & 0xFFFFFFFFFFFFFFFF
+        off = t.geo.slot_base + index * SLOT_SIZE
+        gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
         SLOT.pack_into(
             t.mm, off, gen, home, JOINABLE, 0, 0, pid, 0, start, tid, time.time(), 0, kind, RESULT_NONE, 0, 0,
             len(raw),
@@ -714,12 +770,21 @@ class Group:
         return gen
 
     def _set_blocked(self, t: Table, slot_plus_one: int, gen: int) -> None:
-        """Under the lock: note in every call this thread owns what it now waits on (for cycle checks)."""
-        for index, own_gen in getattr(t.tls, "owned", ()):
-            if t.gen(index) == own_gen:
-                off = t.slot_off(index)
-                t.set_u32(off + S_BLOCKED_SLOT, slot_plus_one)
-                t.mm[off + S_BLOCKED_GEN : off + S_BLOCKED_GEN + 8] = gen.to_bytes(8, "little")
+        """Under the lock: note in every call this thread owns what it now waits on (for cycle checks).
+
+        Found by scanning the running calls for this thread's identity, so that owners keep no record
+        of their own on the uncontended path.
+        """
+        pid, tid = _owner.identity()[0], threading.get_ident()
+        states, u32s, u64s = t.mm, t.u32s, t.u64s
+        index = states.find(RUNNING_BYTE, t.geo.state_map, t.geo.state_map + t.slots)
+        while index >= 0:
+            index -= t.geo.state_map
+            base = index * U32S
+            if u32s[base + S_OWNER_PID // 4] == pid and u64s[index * U64S + S_OWNER_TID // 8] == tid:
+                u32s[base + S_BLOCKED_SLOT // 4] = slot_plus_one
+                u64s[index * U64S + S_BLOCKED_GEN // 8] = gen
+            index = states.find(RUNNING_BYTE, t.geo.state_map + index + 1, t.geo.state_map + t.slots)
 
     def _check_cycle(self, t: Table, index: int, key: str | bytes, pid: int, tid: int) -> None:
         """Under the lock: refuse a wait on a call whose owner waits, maybe through others, on ours."""
@@ -751,35 +816,27 @@ class Group:
         args: tuple[object, ...],
         kwargs: dict[str, object],
     ) -> Result[T]:
-        owned = _owned(t)
-        owned.append((index, gen))
         try:
             value = fn(*args, **kwargs)
-        except Exception as e:
-            owned.pop()
-            self._complete(t, index, gen, None, e)
-            raise
         except BaseException as e:
-            owned.pop()
             self._complete(t, index, gen, None, e)
             raise
-        owned.pop()
         return Result(value, self._complete(t, index, gen, value, None))
 
     def _complete(self, t: Table, index: int, gen: int, value: object, error: BaseException | None) -> bool:
         """Publish the outcome of the call in ``index`` to its waiters; returns ``shared``."""
-        off = t.slot_off(index)
+        off = t.geo.slot_base + index * SLOT_SIZE
         with t:
-            if t.gen(index) != gen or t.states[index] in (FREE, DONE):
+            if t.u64s[index * U64S] != gen or t.states[index] in (FREE, DONE):
                 # Our call was aborted under us (we were taken for dead): nobody waits for us.
                 return False
-            home, flags, _, joins = COMPLETION.unpack_from(t.mm, off + S_HOME)
+            base = index * U32S
             t.bump(C_RUNS)
             if error is not None and isinstance(error, Exception):
                 t.bump(C_ERRORS)
-            if joins == 0:
-                if flags & JOINABLE:
-                    t.unhome(home)
+            if t.u32s[base + S_JOINS // 4] == 0:  # nobody joined: free the slot, publish nothing
+                if t.u32s[base + S_FLAGS // 4] & JOINABLE:
+                    t.unhome(t.u32s[base + S_HOME // 4])
                 t.states[index] = FREE
                 return False
             t.unjoin(index)

@@ -114,6 +114,8 @@ KEY_CAP: Final = 256
 S_RESULT: Final = S_KEY + KEY_CAP
 RESULT_CAP: Final = 640
 SLOT_SIZE: Final = S_RESULT + RESULT_CAP
+U32S: Final = SLOT_SIZE // 4  # a slot's length in u32 (Table.u32s) and u64 (Table.u64s) units
+U64S: Final = SLOT_SIZE // 8
 assert SLOT.size <= S_KEY
 
 # Waiter record: one per registered waiter, written by that waiter under the lock before its byte in

@@ -171,25 +171,25 @@ class TableFile:
 class TableLock:
     """The table lock: a threading.Lock for this process's threads, then flock for the processes."""
 
-    __slots__ = ("_fd", "_thread_lock")
+    __slots__ = ("_fd", "thread_lock")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._thread_lock = threading.Lock()
+        self.thread_lock = threading.Lock()
 
     def acquire(self) -> None:
-        self._thread_lock.acquire()
+        self.thread_lock.acquire()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
-            self._thread_lock.release()
+            self.thread_lock.release()
             raise
 
     def release(self) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
-            self._thread_lock.release()
+            self.thread_lock.release()
 
 
 class Semaphores:

@@ -14,6 +14,7 @@ import mmap
 import threading
 import time
 from collections.abc import Iterator
+from fcntl import LOCK_EX, LOCK_UN, flock
 from typing import Any, Final
 
 from . import _faults, _owner
@@ -39,7 +40,6 @@ from ._layout import (
     RESULT_NONE,
     RESULT_SEGMENT,
     S_FLAGS,
-    S_GEN,
     S_HOME,
     S_JOINS,
     S_KEY_KIND,
@@ -49,6 +49,7 @@ from ._layout import (
     S_WAITERS,
     SLOT,
     SLOT_SIZE,
+    U64S,
     Geometry,
     SlotState,
 )
@@ -98,6 +99,11 @@ class Table:
         self.rmap = self.view[g.record_map : g.record_map + g.records]
         self.homes = self.view[g.home_counts : g.home_counts + 4 * g.slots].cast("I")
         self.counters = self.view[H_COUNTERS : H_COUNTERS + COUNTERS.size].cast("Q")
+        # The slots as arrays of u32 and u64: slot i's field at byte offset o is u32s[i * U32S + o // 4]
+        # (and u64s[i * U64S + o // 8]); indexing a memoryview is the cheapest read of shared memory.
+        self.u32s = self.view[g.slot_base : g.record_base].cast("I")
+        self.u64s = self.view[g.slot_base : g.record_base].cast("Q")
+        self._bind_lock()
         self.sems = Semaphores(group, mode)
         self.local: dict[tuple[int, int], LocalCall] = {}
         self.tls = threading.local()
@@ -186,8 +192,18 @@ class Table:
 
     # -- the lock ------------------------------------------------------------------------------
 
+    def _bind_lock(self) -> None:
+        """Keep the lock's parts at hand: taking it is on every call's path."""
+        self.thread_lock = self.file.lock.thread_lock
+        self.fd = self.file.fd
+
     def __enter__(self) -> Table:
-        self.file.lock.acquire()
+        self.thread_lock.acquire()
+        try:
+            flock(self.fd, LOCK_EX)
+        except BaseException:
+            self.thread_lock.release()
+            raise
         if _faults.FAULT:
             _faults.reached("locked")
         mm = self.mm
@@ -197,7 +213,7 @@ class Table:
             try:
                 self.repair()
             except BaseException:
-                self.file.lock.release()
+                self._unlock()
                 raise
         mm[H_DIRTY] = 1
         return self
@@ -208,7 +224,13 @@ class Table:
         elif exc_type is None and "repair" not in _faults.DISABLED:
             self.mm[H_DIRTY] = 0
         # else: we left halfway; the byte stays set and the next holder repairs (maybe us).
-        self.file.lock.release()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        try:
+            flock(self.fd, LOCK_UN)
+        finally:
+            self.thread_lock.release()
 
     @contextlib.contextmanager
     def peek(self) -> Iterator[None]:
@@ -225,9 +247,7 @@ class Table:
         return self.geo.slot_base + index * SLOT_SIZE
 
     def gen(self, index: int) -> int:
-        return int.from_bytes(
-            self.mm[self.slot_off(index) + S_GEN : self.slot_off(index) + S_GEN + 8], "little"
-        )
+        return self.u64s[index * U64S]  # S_GEN is 0
 
     def u32(self, off: int) -> int:
         return int.from_bytes(self.mm[off : off + 4], "little")
@@ -340,6 +360,7 @@ class Table:
 
     def after_fork_in_child(self) -> None:
         self.file.after_fork_in_child()
+        self._bind_lock()
         self.local.clear()
         self.tls = threading.local()
 
@@ -348,7 +369,7 @@ class Table:
             return
         self.closed = True
         self.sems.close()
-        for v in (self.states, self.rmap, self.homes, self.counters, self.view):
+        for v in (self.states, self.rmap, self.homes, self.counters, self.u32s, self.u64s, self.view):
             v.release()
         self.mm.close()
         self.file.close()

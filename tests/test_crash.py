@@ -610,13 +610,13 @@ def test_gc_never_unlinks_a_segment_being_written(
     gate = Gate(tmp_path)
     owner_box: list[object] = []
     about_to_lock = threading.Event()
-    real_acquire = mpflight._locks.TableLock.acquire
+    real_enter = mpflight._table.Table.__enter__
     owner_thread: list[int] = []
 
-    def acquire(self: Any) -> None:
+    def enter(self: Any) -> Any:
         if threading.get_ident() in owner_thread:
             about_to_lock.set()
-        real_acquire(self)
+        return real_enter(self)
 
     real_listdir = os.listdir
 
@@ -638,7 +638,7 @@ def test_gc_never_unlinks_a_segment_being_written(
         waiter, out, _ = joiner(name, "k", tmp_path, "w")
         wait_until(lambda: waiting(group, "k") == 1, "a waiter in another process")
         os.kill(waiter.pid, signal.SIGSTOP)  # it reads only after gc is done
-        monkeypatch.setattr(mpflight._locks.TableLock, "acquire", acquire)
+        monkeypatch.setattr(mpflight._table.Table, "__enter__", enter)
         monkeypatch.setattr(mpflight._group.os, "listdir", listdir)
         group.gc()
         monkeypatch.undo()
