@@ -33,7 +33,7 @@ from fcntl import LOCK_EX, LOCK_UN, flock
 from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import _codec, _faults, _owner
-from ._errors import AbortError, DeadlockError, MPFlightError, SerializationError, short_key
+from ._errors import AbortError, DeadlockError, MPFlightError, RemoteError, SerializationError, short_key
 from ._layout import (
     C_ABORTS,
     C_ERRORS,
@@ -84,7 +84,6 @@ from ._locks import (
     SEP,
     SegmentFull,
     map_segment,
-    segment_name,
     table_headers,
     unlink_all,
     unlink_segment,
@@ -106,6 +105,8 @@ DEFAULT_CHECK_INTERVAL: Final = 0.2
 # How often a process checks, on its way into do(), that its table is still the one under its name,
 # and looks for calls stuck since the last look (their owners or readers may have died).
 HOUSEKEEPING_INTERVAL: Final = 1.0
+# At most one "table is full" warning per table and process this often (stats count every fallback).
+FULL_WARNING_INTERVAL: Final = 10.0
 # Encoded results up to 2**32 - 1 bytes: the slot's length field is a u32.
 MAX_RESULT_BYTES: Final = 0xFFFFFFFF
 
@@ -122,6 +123,7 @@ _ALONE: Final = 2  # no slot or record free: runs fn without coalescing
 # What _try_join returns besides a generation (>= 0).
 _NO_RECORD: Final = -1
 _OWNER_GONE: Final = -2
+_REFUSED: Final = -3  # (set by _enter) the wait would deadlock
 
 _tables: dict[str, Table] = {}
 _handles: weakref.WeakSet[Group] = weakref.WeakSet()  # handles with a thread pool
@@ -204,18 +206,22 @@ class _Detached(Exception):
     """A waiter whose future was cancelled leaves its call (raised inside _wait)."""
 
 
-def _task_done(task: asyncio.Task[Result[object]]) -> None:
-    """An owner's task ended: forget it, and take its exception (its caller may have gone)."""
-    for t in list(_tables.values()):
-        t.tasks.discard(task)
+def _retrieve(task: asyncio.Task[Result[object]]) -> None:
+    """An asyncio owner's task ended: take its exception (its caller may have gone away)."""
     if not task.cancelled():
         task.exception()
 
 
 def _close_unused(t: Table) -> None:
-    """Unmap a table that no handle of this process refers to and no thread is inside."""
+    """Unmap a table that no handle of this process refers to and no thread is inside.
+
+    Until then it stays the process's table of its name, so that every handle and thread of the
+    process shares one mapping (and one set of the owner's objects for its local waiters).
+    """
     with _tables_lock:
-        if t.refs == 0 and not t.active:
+        if t.refs == 0 and not t.active and not t.closed:
+            if _tables.get(t.group) is t:
+                del _tables[t.group]
             t.close()
 
 
@@ -241,8 +247,16 @@ def _decorator(
         prefix = f"{func.__module__}.{func.__qualname__}".encode()
 
         def make_key(args: tuple[object, ...], kwargs: dict[str, object]) -> str | bytes:
-            if key is not None:
-                return key(*args, **kwargs)
+            if key is not None:  # the function's identity stays part of the key
+                made_by_key = key(*args, **kwargs)
+                if not isinstance(made_by_key, str | bytes):
+                    raise TypeError(f"key= must return str or bytes, not {type(made_by_key).__name__}")
+                tail = (
+                    made_by_key.encode("utf-8", "surrogatepass")
+                    if isinstance(made_by_key, str)
+                    else made_by_key
+                )
+                return prefix + (b"\1" if isinstance(made_by_key, str) else b"\2") + tail
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             codec = group().codec
@@ -374,8 +388,6 @@ class Group:
             self._executor.shutdown(wait=False)
         with _tables_lock:
             t.refs -= 1
-            if t.refs == 0 and _tables.get(self.name) is t:
-                del _tables[self.name]
         if t.refs == 0 and not t.active:
             _close_unused(t)
 
@@ -488,17 +500,40 @@ class Group:
         goes on for everyone else. Every outcome resolves the future, aborts and timeouts included.
         """
         t = self._table_for(fn)
+        _key_identity(key)  # a bad key raises here, at once
         future: Future[Result[T]] = Future()
-        role, index, gen, record = self._enter(t, key, id(future), blocking=False)
         t.active.append(None)
-        if role == _JOIN:
-            threading.Thread(
-                target=self._wait_into, args=(t, future, index, gen, record, key), daemon=True,
-                name=f"mpflight-wait-{self.name}",
-            ).start()  # fmt: skip
-        else:
-            self._pool().submit(self._run_into, t, future, role, index, gen, fn, args, kwargs)
+        try:
+            self._pool().submit(self._begin_future, t, future, key, fn, args, kwargs)
+        except BaseException:
+            self._left(t)
+            raise
         return future
+
+    def _begin_future(
+        self, t: Table, future: Future[Result[T]], key: str | bytes, fn: Callable[..., T],
+        args: tuple[object, ...], kwargs: dict[str, object],
+    ) -> None:  # fmt: skip
+        """In a pool thread: claim or join the call only now (a call queued behind busy pool threads
+        holds no slot that others would wait on), then run fn here, or hand the wait to a thread of
+        its own and free this pool thread."""
+        if future.cancelled():
+            self._left(t)
+            return
+        try:
+            role, index, gen, record = self._enter(t, key, threading.get_ident(), blocking=False)
+            if role == _JOIN:
+                threading.Thread(
+                    target=self._wait_into, args=(t, future, index, gen, record, key), daemon=True,
+                    name=f"mpflight-wait-{self.name}",
+                ).start()  # fmt: skip
+                return
+        except BaseException as e:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(e)
+            self._left(t)
+            return
+        self._run_into(t, future, role, index, gen, fn, args, kwargs)
 
     @overload
     async def do_async(
@@ -534,7 +569,9 @@ class Group:
         t.active.append(None)
         runner = loop.create_task(self._own_async(loop, t, index, gen, fn, args, kwargs))
         t.tasks.add(runner)
-        runner.add_done_callback(_task_done)
+        runner.add_done_callback(t.tasks.discard)
+        runner.add_done_callback(_retrieve)
+        self._rename_owner(t, index, gen, id(runner))  # fn runs in the runner: re-entry is seen there
         return (await asyncio.shield(runner)).value
 
     async def _call_async(
@@ -569,10 +606,14 @@ class Group:
         kwargs: dict[str, object],
     ) -> object:  # fmt: skip
         """Run fn in this thread as the owner of (index, gen): the slot names this thread from now on."""
+        self._rename_owner(t, index, gen, threading.get_ident())
+        return fn(*args, **kwargs)
+
+    def _rename_owner(self, t: Table, index: int, gen: int, tid: int) -> None:
+        """The call (index, gen) is now run by ``tid`` (a thread or task), for re-entry and cycle checks."""
         with t:
             if t.gen(index) == gen and t.states[index] == RUNNING:
-                t.u64s[index * U64S + S_OWNER_TID // 8] = threading.get_ident()
-        return fn(*args, **kwargs)
+                t.u64s[index * U64S + S_OWNER_TID // 8] = tid
 
     def _run_into(
         self, t: Table, future: Future[Result[T]], role: int, index: int, gen: int, fn: Callable[..., T],
@@ -584,11 +625,11 @@ class Group:
                 result = Result(fn(*args, **kwargs), False)
             else:
                 try:
-                    value = self._adopted(t, index, gen, fn, args, kwargs)
+                    value = fn(*args, **kwargs)
                 except BaseException as e:
                     self._complete(t, index, gen, None, e)
                     raise
-                result = Result(value, self._complete(t, index, gen, value, None))  # type: ignore[arg-type]
+                result = Result(value, self._complete(t, index, gen, value, None))
         except BaseException as e:
             if future.set_running_or_notify_cancel():
                 future.set_exception(e)
@@ -648,18 +689,21 @@ class Group:
         kind, raw, ident = _key_identity(key)
         home = zlib.crc32(ident, kind) % t.slots
         pid, start = _owner.identity()
+        refused: DeadlockError | None = None
         with t:
             index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
             if index >= 0:
-                gen = self._try_join(t, index, key, pid, start, tid, blocking)  # type: ignore[arg-type]
+                try:
+                    gen, record = self._try_join(t, index, key, pid, start, tid, blocking)  # type: ignore[arg-type]
+                except DeadlockError as e:  # nothing was written: leave the lock clean, then raise
+                    refused, gen, record = e, _REFUSED, -1
                 if gen >= 0:
-                    return _JOIN, index, gen, t.tls.record
-                if gen == _NO_RECORD:
+                    return _JOIN, index, gen, record
+                if gen == _OWNER_GONE:  # its call is aborted: start a new one
+                    index = -1
+                elif gen == _NO_RECORD:
                     t.bump(C_FALLBACKS)
                     full = "waiter records"
-                    index = -2
-                else:  # the owner was gone: its call is aborted; start a new one
-                    index = -1
             if index == -1:  # nobody runs this key: claim the first free slot from its home on
                 state_map = t.geo.state_map
                 index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
@@ -670,7 +714,12 @@ class Group:
                     return _OWN, index, self._claim(t, index, home, kind, raw, ident, pid, start, tid), -1
                 t.bump(C_FALLBACKS)
                 full = "slots"
-        log.warning("mpflight table %r has no free %s: running fn without coalescing", self.name, full)
+        if refused is not None:
+            raise refused
+        now = time.monotonic()
+        if now - t.warned_full >= FULL_WARNING_INTERVAL:  # one warning a while, not one per call
+            t.warned_full = now
+            log.warning("mpflight table %r has no free %s: running fn without coalescing", self.name, full)
         return _ALONE, -1, -1, -1
 
     def _find(self, t: Table, kind: int, ident: bytes, key_len: int, home: int) -> int:
@@ -726,11 +775,12 @@ class Group:
 
     def _try_join(
         self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int, blocking: bool
-    ) -> int:
+    ) -> tuple[int, int]:
         """Under the lock: register as a waiter of the call in ``index``.
 
-        Returns the call's generation; _OWNER_GONE when its owner is gone (the call is aborted:
-        claim anew); _NO_RECORD when every waiter record is taken (run fn alone).
+        Returns (the call's generation, our record); the generation is _OWNER_GONE when its owner is
+        gone (the call is aborted: claim anew), _NO_RECORD when every waiter record is taken (run fn
+        alone). Raises DeadlockError, having written nothing, when the wait would never end.
         """
         off = t.slot_off(index)
         gen = t.gen(index)
@@ -744,14 +794,14 @@ class Group:
                 os.kill(owner, 0)
             except ProcessLookupError:
                 self._abort(t, index, gen, "owner died")
-                return _OWNER_GONE
+                return _OWNER_GONE, -1
             except PermissionError:
                 pass  # another user's process: alive
         if "cycle-check" not in _faults.DISABLED:
             self._check_cycle(t, index, key, pid, tid)
         r = t.mm.find(b"\0", t.geo.record_map, t.geo.record_map + t.records)
         if r < 0:
-            return _NO_RECORD
+            return _NO_RECORD, -1
         r -= t.geo.record_map
         RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
         t.rmap[r] = 1
@@ -766,8 +816,7 @@ class Group:
             local.waiting += 1
         if blocking:
             self._set_blocked(t, index + 1, gen)
-        t.tls.record = r
-        return gen
+        return gen, r
 
     def _set_blocked(self, t: Table, slot_plus_one: int, gen: int) -> None:
         """Under the lock: note in every call this thread owns what it now waits on (for cycle checks).
@@ -825,7 +874,6 @@ class Group:
 
     def _complete(self, t: Table, index: int, gen: int, value: object, error: BaseException | None) -> bool:
         """Publish the outcome of the call in ``index`` to its waiters; returns ``shared``."""
-        off = t.geo.slot_base + index * SLOT_SIZE
         with t:
             if t.u64s[index * U64S] != gen or t.states[index] in (FREE, DONE):
                 # Our call was aborted under us (we were taken for dead): nobody waits for us.
@@ -844,13 +892,34 @@ class Group:
             waiters = t.waiters_of(index)
             local = t.local.get((index, gen))
             if local is not None:
-                local.value, local.error = value, error
+                local.value, local.error, local.filled = value, error, True
             remote = waiters - (local.waiting if local is not None else 0)
         _faults.reached("completing")
         where, length = RESULT_LOCAL, 0
-        if remote > 0:
-            where, length = self._write_outcome(t, index, gen, value, error)
+        try:
+            if remote > 0:
+                where, length = self._write_outcome(t, index, gen, value, error)
+        except BaseException as e:
+            # Whatever stopped the writing (an OSError from /dev/shm, a KeyboardInterrupt during a long
+            # encode), the waiters must not wait for an outcome that never comes: they get an abort.
+            where, length = self._write_inline(
+                t, index, _codec.pack_abort(f"the owner could not publish: {ascii(e)[:200]}")
+            )
+            if not isinstance(e, Exception):
+                self._publish(t, index, gen, where, length)
+                raise
+        self._publish(t, index, gen, where, length)
+        return True
+
+    def _publish(self, t: Table, index: int, gen: int, where: int, length: int) -> None:
+        """Under the lock: mark the outcome of (index, gen) DONE and wake its waiters."""
+        off = t.geo.slot_base + index * SLOT_SIZE
         with t:
+            if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
+                # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
+                if where == RESULT_SEGMENT:
+                    unlink_segment(t.segment(index, gen))
+                return
             t.mm[off + S_RESULT_WHERE] = where
             t.set_u32(off + S_RESULT_LEN, length)
             t.states[index] = DONE
@@ -861,7 +930,12 @@ class Group:
             unlink_segment(segment)
         if waiters:
             self._post(t, index, waiters)
-        return True
+
+    def _write_inline(self, t: Table, index: int, payload: bytes) -> tuple[int, int]:
+        """Outside the lock, in COMPLETING (the result area is the owner's): a small payload, inline."""
+        off = t.geo.slot_base + index * SLOT_SIZE + S_RESULT
+        t.mm[off : off + len(payload)] = payload
+        return RESULT_INLINE, len(payload)
 
     def _post(self, t: Table, index: int, times: int) -> None:
         if _faults.FAULT == "woken" and times > 1:
@@ -887,13 +961,11 @@ class Group:
                 f"result of {len(payload)} bytes exceeds max_result_bytes ({self.max_result_bytes})"
             )
         if len(payload) <= RESULT_CAP:
-            off = t.slot_off(index) + S_RESULT
             if _faults.FAULT == "result":
-                t.mm[off : off + len(payload) // 2] = payload[: len(payload) // 2]
+                self._write_inline(t, index, payload[: len(payload) // 2])
                 _faults.reached("result")
-            t.mm[off : off + len(payload)] = payload
-            return RESULT_INLINE, len(payload)
-        name = segment_name(self.name, index, gen)
+            return self._write_inline(t, index, payload)
+        name = t.segment(index, gen)
         try:
             if _faults.FAULT == "result":
                 write_segment(name, payload[: len(payload) // 2], self.mode)
@@ -901,10 +973,7 @@ class Group:
             write_segment(name, payload, self.mode)
         except SegmentFull as e:
             log.warning("mpflight table %r: %s", self.name, e)
-            payload = _codec.pack_not_carried(str(e))
-            off = t.slot_off(index) + S_RESULT
-            t.mm[off : off + len(payload)] = payload
-            return RESULT_INLINE, len(payload)
+            return self._write_inline(t, index, _codec.pack_not_carried(str(e)))
         return RESULT_SEGMENT, len(payload)
 
     # -- waiter ----------------------------------------------------------------------------------------
@@ -923,6 +992,7 @@ class Group:
         owner = (t.u32(off + S_OWNER_PID), int.from_bytes(t.mm[off + S_OWNER_START : off + 40], "little"))
         interval = self.check_interval
         check_at = began + interval
+        left = False  # whether this waiter already left the call (on timeout)
         try:
             while True:
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
@@ -953,11 +1023,12 @@ class Group:
                             break
                         self._leave(t, index, gen, record, began)
                         t.bump(C_TIMEOUTS)
+                    left = True
                     raise TimeoutError(
                         f"gave up waiting {self.timeout} s for the call of key {short_key(key)}"
                     )
-        except BaseException as e:
-            if not isinstance(e, TimeoutError):
+        except BaseException:
+            if not left:
                 with t:
                     if t.rmap[record] == 1:
                         self._leave(t, index, gen, record, began)
@@ -972,8 +1043,11 @@ class Group:
         where = t.mm[off + S_RESULT_WHERE]
         length = t.u32(off + S_RESULT_LEN)
         local = t.local.get((index, gen)) if owner == os.getpid() else None
+        served = True  # a value or fn's exception reached us; not an abort or a failure to read
         try:
-            if local is not None:
+            # The owner's very object, once the owner has filled it in; an outcome it never filled
+            # in (an abort) is read from the slot like any other.
+            if local is not None and local.filled:
                 if local.error is None:
                     return Result(local.value, True)  # type: ignore[arg-type]
                 if isinstance(local.error, Exception):
@@ -983,14 +1057,17 @@ class Group:
                 payload = bytes(t.mm[off + S_RESULT : off + S_RESULT + length])
                 return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner), True)  # type: ignore[arg-type]
             if where == RESULT_SEGMENT and length <= MAX_RESULT_BYTES:
-                with map_segment(segment_name(self.name, index, gen), length) as seg, memoryview(seg) as view:
+                with map_segment(t.segment(index, gen), length) as seg, memoryview(seg) as view:
                     value = _codec.unpack(view, self.codec, key=key, owner_pid=owner)
                 return Result(value, True)  # type: ignore[arg-type]
             raise MPFlightError(f"corrupt slot {index} in table {self.name!r}: outcome location {where}")
+        except MPFlightError as e:
+            served = isinstance(e, RemoteError)
+            raise
         finally:
             with t:
                 if t.rmap[record] == 1:
-                    self._leave(t, index, gen, record, began, served=True)
+                    self._leave(t, index, gen, record, began, served=served)
 
     def _leave(
         self, t: Table, index: int, gen: int, record: int, began: float | None, served: bool = False
@@ -1038,7 +1115,7 @@ class Group:
         t.set_u32(off + S_RESULT_LEN, len(payload))
         t.states[index] = DONE
         t.bump(C_ABORTS)
-        unlink_segment(segment_name(self.name, index, gen))  # an owner may die while writing one
+        unlink_segment(t.segment(index, gen))  # an owner may die while writing one
         waiters = t.waiters_of(index)
         if waiters == 0:
             t.free(index, gen)
@@ -1168,17 +1245,18 @@ class Group:
             # Under the lock: an owner must take it to become COMPLETING before it makes a segment,
             # so a segment that no COMPLETING or DONE call names now is an orphan.
             expected = {
-                segment_name(self.name, i, t.gen(i)).lstrip("/")
+                t.segment(i, t.gen(i)).lstrip("/")
                 for i in range(t.slots)
                 if t.states[i] in (COMPLETING, DONE)
             }
-            reclaimed["segments"] = self._unlink_orphan_segments(expected)
+            reclaimed["segments"] = self._unlink_orphan_segments(t, expected)
         if any(reclaimed.values()):
             log.warning("mpflight table %r: reclaimed %s", self.name, reclaimed)
         return reclaimed
 
-    def _unlink_orphan_segments(self, expected: set[str]) -> int:
-        stem = segment_name(self.name, 0, 0).lstrip("/").rsplit("@", 1)[0] + "@r"
+    def _unlink_orphan_segments(self, t: Table, expected: set[str]) -> int:
+        """Unlink this table's segments (by its nonce) that no call names; another table's are left."""
+        stem = t.segment(0, 0).lstrip("/").rsplit(".", 2)[0] + "."
         try:
             entries = os.listdir("/dev/shm")
         except OSError:
@@ -1197,18 +1275,30 @@ class Group:
                         self.name)  # fmt: skip
             with _tables_lock:
                 if _tables.get(self.name) is t:
-                    del _tables[self.name]
-                t.refs -= 1
-            self._t = None
-            self._t = _attach(self.name, None, self.mode, True)
+                    del _tables[self.name]  # the name leads elsewhere now
+            new = _attach(self.name, None, self.mode, self._create)
+            with _tables_lock:
+                if self._t is t:
+                    self._t, t.refs = new, t.refs - 1
+                else:  # another thread of this handle moved it first
+                    new.refs -= 1
             if t.refs == 0 and not t.active:
                 _close_unused(t)
-            return self._t
-        busy = {(i, t.gen(i), t.states[i]) for i in range(t.slots) if t.states[i] != FREE}
-        if busy & t.seen_busy:
-            self.gc()
+            return self._t if self._t is not None else new
+        states = bytes(t.states)
+        busy = {(i, t.gen(i), state) for i, state in enumerate(states) if state}
+        stuck = busy & t.seen_busy
         t.seen_busy = busy
+        # A call seen twice is usually just a slow fn; gc only when its owner is gone, or readers of a
+        # published outcome have stayed for a whole interval (they may have died).
+        if any(state == DONE or not self._owner_alive(t, i) for i, _, state in stuck):
+            self.gc()
         return t
+
+    def _owner_alive(self, t: Table, index: int) -> bool:
+        base = index * U32S
+        pid = t.u32s[base + S_OWNER_PID // 4]
+        return pid == os.getpid() or _owner.is_alive(pid, t.u64s[index * U64S + S_OWNER_START // 8])
 
 
 def _positive(what: str, value: float) -> float:

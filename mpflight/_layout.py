@@ -1,7 +1,7 @@
 """The bytes of a table: header, state maps, home counts, slots and waiter records.
 
 No I/O here: only formats, offsets and the rules of who writes which field when. docs/design.md shows
-the same tables; tests/test_layout.py keeps the two equal.
+the same tables; tests/test_docs.py keeps the two equal.
 
 A table is one shared-memory object::
 
@@ -51,6 +51,7 @@ H_NAME_LEN: Final = 40
 H_PIDNS: Final = 44  # inode of the creator's pid namespace (/proc/self/ns/pid)
 H_CREATED: Final = 52  # epoch seconds
 H_NAME: Final = 60  # the group's name, UTF-8, H_NAME_LEN bytes used
+H_NONCE: Final = 124  # u32, random, chosen by the initializer: part of the names of the table's segments
 H_COUNTERS: Final = 128  # COUNTERS.size bytes of u64 counters
 COUNTERS: Final = struct.Struct("<8Q")
 COUNTER_NAMES: Final = ("runs", "joins", "shared", "errors", "aborts", "timeouts", "fallbacks", "wait_ns")

@@ -68,8 +68,10 @@ def semaphore_name(group: str, slot: int) -> str:
     return object_name(group, f"{SEP}s{slot}")
 
 
-def segment_name(group: str, slot: int, gen: int) -> str:
-    return object_name(group, f"{SEP}r{slot}.{gen & 0xFFFFFFFF}")
+def segment_name(group: str, nonce: int, slot: int, gen: int) -> str:
+    """A result segment's name: the table's nonce keeps apart the segments of a table made anew
+    under the same name while calls of the old one still finish."""
+    return object_name(group, f"{SEP}r{nonce:08x}.{slot}.{gen & 0xFFFFFFFF}")
 
 
 def _shm_path(os_name: str) -> str:
@@ -215,10 +217,6 @@ class Semaphores:
             sem = self._open.setdefault(slot, sem)
         return sem
 
-    def prepare(self, slot: int) -> None:
-        """Open slot's semaphore now, so that waiting on it later makes no system call to open it."""
-        self._get(slot)
-
     def wait(self, slot: int, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a post; False when the time ran out or a signal came."""
         try:
@@ -231,15 +229,6 @@ class Semaphores:
         sem = self._get(slot)
         for _ in range(times):
             sem.release()
-
-    def drain(self, slot: int) -> None:
-        """Take every pending post (left by waiters that died): called only when nobody waits on slot."""
-        sem = self._get(slot)
-        while True:
-            try:
-                sem.acquire(0)
-            except posix_ipc.BusyError:
-                return
 
     def close(self) -> None:
         for sem in self._open.values():
@@ -257,6 +246,8 @@ def write_segment(name: str, payload: bytes | memoryview, mode: int) -> None:
     for _ in range(2):
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode)
+            if mode & 0o077:
+                os.fchmod(shm.fd, mode)  # the umask narrowed a mode widened on purpose
             break
         except posix_ipc.ExistentialError:
             # Left by an owner of an earlier generation that died: nobody can be reading it.
@@ -283,9 +274,11 @@ def write_segment(name: str, payload: bytes | memoryview, mode: int) -> None:
 def map_segment(name: str, size: int) -> mmap.mmap:
     """Map segment ``name`` for reading; it must hold at least ``size`` bytes."""
     try:
-        shm = posix_ipc.SharedMemory(name, 0)
+        shm = posix_ipc.SharedMemory(name, 0, read_only=True)
     except posix_ipc.ExistentialError:
         raise MPFlightError(f"result segment {name} is missing") from None
+    except posix_ipc.PermissionsError:
+        raise MPFlightError(f"permission denied reading result segment {name}") from None
     try:
         if os.fstat(shm.fd).st_size < size:
             raise MPFlightError(f"result segment {name} is shorter than its slot says")
@@ -297,7 +290,7 @@ def map_segment(name: str, size: int) -> mmap.mmap:
 def unlink_segment(name: str) -> bool:
     try:
         posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
         return False
     return True
 

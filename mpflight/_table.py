@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import mmap
-import threading
+import secrets
 import time
 from collections.abc import Iterator
 from fcntl import LOCK_EX, LOCK_UN, flock
@@ -24,6 +24,7 @@ from ._layout import (
     DEFAULT_SLOTS,
     H_COUNTERS,
     H_DIRTY,
+    H_NONCE,
     H_READY,
     HEADER,
     HEADER_SIZE,
@@ -70,10 +71,11 @@ MAX_KEY_BYTES: Final = 64 * 1024
 class LocalCall:
     """What the owner's process keeps for its own waiting threads: the owner's very outcome."""
 
-    __slots__ = ("error", "value", "waiting")
+    __slots__ = ("error", "filled", "value", "waiting")
 
     def __init__(self) -> None:
         self.waiting = 0  # threads of this process registered on the call
+        self.filled = False  # set by the owner with value and error, before the call is DONE
         self.value: object = None
         self.error: BaseException | None = None
 
@@ -95,6 +97,7 @@ class Table:
         self.slots = g.slots
         self.records = g.records
         self.view = memoryview(self.mm)
+        self.nonce = int.from_bytes(self.mm[H_NONCE : H_NONCE + 4], "little")
         self.states = self.view[g.state_map : g.state_map + g.slots]
         self.rmap = self.view[g.record_map : g.record_map + g.records]
         self.homes = self.view[g.home_counts : g.home_counts + 4 * g.slots].cast("I")
@@ -106,11 +109,11 @@ class Table:
         self._bind_lock()
         self.sems = Semaphores(group, mode)
         self.local: dict[tuple[int, int], LocalCall] = {}
-        self.tls = threading.local()
         self.refs = 0  # Group handles of this process (changed under _group's registry lock)
         self.active: list[None] = []  # one entry per thread inside a call (append and pop are atomic)
         self.tasks: set[asyncio.Task[Any]] = set()  # asyncio owners' tasks, kept alive until they end
         self.checked = time.monotonic()
+        self.warned_full = -float("inf")  # when this process last warned that the table is full
         self.seen_busy: set[tuple[int, int, int]] = set()
         self.closed = False
         self.damaged = (
@@ -154,6 +157,7 @@ class Table:
                 mm, 0, MAGIC, LAYOUT_VERSION, 0, slots, SLOT_SIZE, KEY_CAP, RESULT_CAP, g.records,
                 RECORD_SIZE, len(name), _owner.pid_namespace(), time.time(), name,
             )  # fmt: skip
+            mm[H_NONCE : H_NONCE + 4] = secrets.token_bytes(4)
             _faults.reached("init")
             mm[H_READY : H_READY + 4] = (1).to_bytes(4, "little")
         return g
@@ -243,6 +247,10 @@ class Table:
 
     # -- slot fields -----------------------------------------------------------------------------
 
+    def segment(self, index: int, gen: int) -> str:
+        """The name of the result segment of call (index, gen) of this table."""
+        return segment_name(self.group, self.nonce, index, gen)
+
     def slot_off(self, index: int) -> int:
         return self.geo.slot_base + index * SLOT_SIZE
 
@@ -291,7 +299,7 @@ class Table:
         self.states[index] = FREE
         self.local.pop((index, gen), None)
         if self.mm[off + S_RESULT_WHERE] == RESULT_SEGMENT:
-            return segment_name(self.group, index, gen)
+            return self.segment(index, gen)
         return None
 
     # -- repair ----------------------------------------------------------------------------------
@@ -346,7 +354,7 @@ class Table:
             if state == DONE and counts[i] == 0:
                 states[i] = FREE
                 if where == RESULT_SEGMENT:
-                    unlink.append(segment_name(self.group, i, gen))
+                    unlink.append(self.segment(i, gen))
             elif state == RUNNING and flags & JOINABLE:
                 homes[home] += 1
             elif state != RUNNING:
@@ -362,7 +370,6 @@ class Table:
         self.file.after_fork_in_child()
         self._bind_lock()
         self.local.clear()
-        self.tls = threading.local()
 
     def close(self) -> None:
         if self.closed:

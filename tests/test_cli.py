@@ -140,8 +140,8 @@ def test_gc_reclaims_a_dead_owners_call_and_a_leaked_segment(busy_table: dict[st
 
 
 def test_gc_removes_an_orphaned_segment(name: str) -> None:
-    mpflight.Group(name).close()
-    orphan = posix_ipc.SharedMemory(f"/mpf1@{name}@r5.7", posix_ipc.O_CREX, size=4096)
+    with mpflight.Group(name) as group:
+        orphan = posix_ipc.SharedMemory(group._table().segment(5, 7), posix_ipc.O_CREX, size=4096)
     orphan.close_fd()
     proc = mpflight_cli("gc", name)
     assert (

@@ -76,6 +76,7 @@ from mpflight._layout import (
     H_MAGIC,
     H_NAME,
     H_NAME_LEN,
+    H_NONCE,
     H_PIDNS,
     H_READY,
     H_RECORD_SIZE,
@@ -436,7 +437,8 @@ class _Raw:
 
         area, xor = w.area.rstrip("^"), w.area.endswith("^")
         if area == "segment":
-            name = segment_name(self.name, live.slots["big"], live.gens["big"])
+            nonce = int.from_bytes(self.mm[H_NONCE : H_NONCE + 4], "little")
+            name = segment_name(self.name, nonce, live.slots["big"], live.gens["big"])
             shm = posix_ipc.SharedMemory(name, 0)
             try:
                 with mmap.mmap(shm.fd, 0) as seg:

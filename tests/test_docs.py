@@ -40,7 +40,7 @@ def test_header_table_matches_the_code() -> None:
     assert offsets == [
         _layout.H_MAGIC, _layout.H_VERSION, _layout.H_READY, _layout.H_SLOTS, _layout.H_SLOT_SIZE,
         _layout.H_KEY_CAP, _layout.H_RESULT_CAP, _layout.H_RECORDS, _layout.H_RECORD_SIZE, _layout.H_NAME_LEN,
-        _layout.H_PIDNS, _layout.H_CREATED, _layout.H_NAME, _layout.H_COUNTERS, _layout.H_DIRTY,
+        _layout.H_PIDNS, _layout.H_CREATED, _layout.H_NAME, _layout.H_NONCE, _layout.H_COUNTERS, _layout.H_DIRTY,
     ]  # fmt: skip
     assert _layout.HEADER_SIZE == 256
     assert rows[-2] == (_layout.H_COUNTERS, _layout.COUNTERS.size)

@@ -332,3 +332,79 @@ def test_module_level_decorator_on_async_functions(name: str) -> None:
     assert asyncio.run(main()) == ["body of u"] * 5
     with mpflight.Group(name) as group:
         assert group.stats()["runs"] == 1
+
+
+# -- regressions ------------------------------------------------------------------------------------------
+
+
+def test_a_closed_handle_with_a_pending_call_shares_its_table(name: str, tmp_path: Path) -> None:
+    """A handle closed while its future still runs stays this process's table of the name, so a
+    thread that joins through a new handle gets the owner's value, not a never-filled local entry."""
+    gate = Gate(tmp_path)
+    first = mpflight.Group(name)
+    owner = first.do_future("k", workers.held, gate.gate, gate.runs, "v")
+    wait_until(lambda: gate.executions() == 1, "the owner")
+    first.close()
+    with mpflight.Group(name) as second:
+        future = second.do_future("k", int)
+        wait_until(lambda: waiting(second, "k") == 1, "a local waiter")
+        gate.open()
+        assert future.result(DEADLINE) == mpflight.Result("v", True)
+    assert owner.result(DEADLINE) == mpflight.Result("v", True)
+
+
+def test_an_owner_that_cannot_publish_aborts_its_waiters(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError writing the result segment (not a full /dev/shm): waiters get AbortError at once,
+    the owner keeps its value, and the slot is free."""
+    from tests.helpers import start_subprocess
+
+    def broken(*args: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mpflight._group, "write_segment", broken)
+    gate = Gate(tmp_path)
+    with mpflight.Group(name) as group:
+        owner = group.do_future("k", workers.held, gate.gate, gate.runs, "x" * 5000)
+        wait_until(lambda: gate.executions() == 1, "the owner")
+        out = tmp_path / "waiter"
+        waiter = start_subprocess("join", name, "k", str(out), str(DEADLINE), MPFLIGHT_FAULT="")
+        wait_until(lambda: waiting(group, "k") == 1, "a waiter in another process")
+        gate.open()
+        assert waiter.wait(DEADLINE) == 0
+        assert owner.result(DEADLINE).value == "x" * 5000
+        got = json.loads(out.read_text())
+        assert got["kind"] == "AbortError"
+        assert "could not publish" in got["reason"]
+        assert group.inflight() == []
+
+
+def test_async_reentry_on_own_key_raises(name: str) -> None:
+    async def main() -> object:
+        with mpflight.Group(name, timeout=DEADLINE) as group:
+
+            async def fn() -> object:
+                with pytest.raises(mpflight.DeadlockError):
+                    await group.do_async("k", fn)
+                return "outer"
+
+            return await group.do_async("k", fn)
+
+    assert asyncio.run(main()) == "outer"
+
+
+def test_a_refused_wait_leaves_the_lock_clean(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A DeadlockError is raised before anything is written: no repair follows it."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mpflight")
+    with mpflight.Group(name) as group:
+
+        def fn() -> object:
+            with pytest.raises(mpflight.DeadlockError):
+                group.do("k", int)
+            return group.do("other", lambda: "fine")
+
+        assert group.do("k", fn) == "fine"
+    assert "repairing" not in caplog.text
