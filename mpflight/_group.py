@@ -447,16 +447,51 @@ class Group:
             except BaseException as e:
                 self._complete(t, index, gen, None, e)
                 raise
+            if claimed is not None and self._free_if_alone(t, index, gen):
+                return value, False
             return value, self._complete(t, index, gen, value, None)
         finally:
             t.active.pop()
             if t.refs == 0 and not t.active:
                 _close_unused(t)
 
+    def _free_if_alone(self, t: Table, index: int, gen: int) -> bool:
+        """The uncontended end of ``do``: when nobody joined the call, free its slot in one short hold
+        of the lock. False leaves everything to _complete (someone joined, or the table needs repair)."""
+        tl = t.thread_lock
+        tl.acquire()
+        try:
+            flock(t.fd, LOCK_EX)
+        except BaseException:
+            tl.release()
+            raise
+        mm, u32s, base = t.mm, t.u32s, index * U32S
+        try:
+            if (
+                mm[H_DIRTY]
+                or t.u64s[index * U64S] != gen
+                or t.states[index] != RUNNING
+                or u32s[base + S_JOINS // 4]
+            ):
+                return False
+            mm[H_DIRTY] = 1
+            counters = t.counters
+            counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
+            if u32s[base + S_FLAGS // 4] & JOINABLE:
+                t.unhome(u32s[base + S_HOME // 4])
+            t.states[index] = FREE
+            if not t.damaged:
+                mm[H_DIRTY] = 0
+            t.damaged = False
+            return True
+        finally:
+            flock(t.fd, LOCK_UN)
+            tl.release()
+
     def _claim_if_free(self, t: Table, kind: int, raw: bytes) -> tuple[int, int] | None:
-        """The uncontended path of ``do``, in one short hold of the lock: when no call of the key's
-        home is joinable and the table needs no repair, claim a free slot. None sends the caller down
-        the general path (_enter), which handles everything else.
+        """The uncontended path of ``do``, in one short hold of the lock: when no call of the key is
+        joinable and the table needs no repair, claim a free slot. None sends the caller down the
+        general path (_enter), which handles everything else.
         """
         home = zlib.crc32(raw, kind) % t.slots
         tl = t.thread_lock
@@ -469,7 +504,9 @@ class Group:
         mm = t.mm
         try:
             index = -1
-            if not mm[H_DIRTY] and not t.homes[home]:
+            # A joinable call of this very key means joining it, and a dirty table repair: both are
+            # the general path's. A joinable call of another key with the same home is not.
+            if not mm[H_DIRTY] and (not t.homes[home] or self._find(t, kind, raw, len(raw), home) < 0):
                 state_map = t.geo.state_map
                 index = mm.find(b"\0", state_map + home, state_map + t.slots)
                 if index < 0:
@@ -723,20 +760,26 @@ class Group:
         return _ALONE, -1, -1, -1
 
     def _find(self, t: Table, kind: int, ident: bytes, key_len: int, home: int) -> int:
-        """Under the lock: the slot of the joinable call for this key, or -1."""
-        mm, states, slots = t.mm, t.states, t.slots
+        """Under the lock: the slot of the joinable call for this key, or -1.
+
+        Scans from the key's home until it has seen as many joinable calls of that home as its
+        count says (usually one, usually at the home itself).
+        """
+        mm, states, u32s, u64s, slots = t.mm, t.states, t.u32s, t.u64s, t.slots
         want = t.homes[home]
-        n = len(ident)
+        n = DIGEST_SIZE if kind & KEY_DIGEST else len(ident)
+        probe = ident[:n]
+        slot_base = t.geo.slot_base
         i = home
         for _ in range(slots):
             if states[i] == RUNNING:
-                off = t.slot_off(i)
-                if t.u32(off + S_HOME) == home and t.u32(off + S_FLAGS) & JOINABLE:
+                base = i * U32S
+                if u32s[base + S_HOME // 4] == home and u32s[base + S_FLAGS // 4] & JOINABLE:
+                    off = slot_base + i * SLOT_SIZE
                     if (
                         mm[off + S_KEY_KIND] == kind
-                        and int.from_bytes(mm[off + S_KEY_LEN : off + S_KEY_LEN + 8], "little") == key_len
-                        and mm[off + S_KEY : off + S_KEY + (DIGEST_SIZE if kind & KEY_DIGEST else n)]
-                        == ident[: DIGEST_SIZE if kind & KEY_DIGEST else n]
+                        and u64s[i * U64S + S_KEY_LEN // 8] == key_len
+                        and mm[off + S_KEY : off + S_KEY + n] == probe
                     ):
                         return i
                     want -= 1

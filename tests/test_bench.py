@@ -1,0 +1,34 @@
+"""scripts/bench.py --quick runs and produces every table (never a timing assertion)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_produces_every_table(tmp_path: Path) -> None:
+    report, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--markdown", str(report), "--json", str(raw)],
+        capture_output=True, text=True, timeout=280, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = report.read_text()
+    for heading in ("## Targets", "## W1", "## W2", "## W3", "## W4", "## W5", "## Floors", "## Scaling"):
+        assert heading in text
+    results = json.loads(raw.read_text())
+    assert {"w1", "w2", "w3", "w4", "w5", "floors", "scaling", "targets", "machine"} <= set(results)
+    assert results["w1"]["mpflight"]["calls"] > 0
+    assert results["w2"]["mpflight/8"]["executions_per_round"] >= 1
+    assert results["w5"]["mpflight"]["outcomes"]
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(("mpf1@bench-", "mpfbench"))], (
+        "bench cleans up"
+    )
