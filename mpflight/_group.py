@@ -447,7 +447,13 @@ class Group:
             except BaseException as e:
                 self._complete(t, index, gen, None, e)
                 raise
-            if claimed is not None and self._free_if_alone(t, index, gen):
+            # Nobody joined (a hint, read without the lock; _free_if_alone reads it again under it):
+            # free the slot in one short hold. Somebody joined: publish.
+            if (
+                claimed is not None
+                and not t.u32s[index * U32S + S_JOINS // 4]
+                and self._free_if_alone(t, index, gen)
+            ):
                 return value, False
             return value, self._complete(t, index, gen, value, None)
         finally:
@@ -478,7 +484,11 @@ class Group:
             counters = t.counters
             counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
             if u32s[base + S_FLAGS // 4] & JOINABLE:
-                t.unhome(u32s[base + S_HOME // 4])
+                home = u32s[base + S_HOME // 4]
+                if home < t.slots and t.homes[home]:
+                    t.homes[home] -= 1
+                else:
+                    t.unhome(home)  # damage: marks the table for repair
             t.states[index] = FREE
             if not t.damaged:
                 mm[H_DIRTY] = 0
@@ -516,7 +526,7 @@ class Group:
                 return None
             index -= state_map
             mm[H_DIRTY] = 1
-            pid, start = _owner.identity()
+            pid, start = _owner._identity or _owner.identity()
             gen = self._claim(t, index, home, kind, raw, raw, pid, start, threading.get_ident())
             mm[H_DIRTY] = 0
             flock(t.fd, LOCK_UN)

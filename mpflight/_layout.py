@@ -113,7 +113,9 @@ COMPLETION: Final = struct.Struct("<IIII")  # home, flags, waiters, joins at S_H
 S_KEY: Final = 128
 KEY_CAP: Final = 256
 S_RESULT: Final = S_KEY + KEY_CAP
-RESULT_CAP: Final = 640
+# Results up to this many bytes (encoded) travel inside the slot; a 1 KiB value with its msgpack framing
+# fits, so the common small-to-medium result never costs a segment.
+RESULT_CAP: Final = 1664
 SLOT_SIZE: Final = S_RESULT + RESULT_CAP
 U32S: Final = SLOT_SIZE // 4  # a slot's length in u32 (Table.u32s) and u64 (Table.u64s) units
 U64S: Final = SLOT_SIZE // 8

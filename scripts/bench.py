@@ -48,6 +48,7 @@ import mpflight
 from mpflight import _locks
 
 CTX = multiprocessing.get_context("spawn")
+NOTES_MARK = "<!-- notes: kept when the tables above are regenerated -->"
 PEERS = ["mpflight", "inproc", "none", "filelock", "diskcache", "redis", "manager"]
 CROSS = ["mpflight", "filelock", "diskcache", "redis", "manager"]  # peers that coalesce across processes
 
@@ -306,6 +307,7 @@ def _herd_worker(
 ) -> None:
     peer = Peer(spec)
     payload = b"x" * size
+    rows = []  # sent once at the end: nothing but the next barrier runs between rounds
     for r in range(rounds):
         ran: list[float] = []
 
@@ -315,14 +317,15 @@ def _herd_worker(
             return payload
 
         barrier.wait()
-        cpu = time.process_time()
+        cpu = time.thread_time()  # this thread's: not the queue's feeder thread
         try:
             value = peer.do(f"herd-{r}", fn)
             ok = len(value) == size
         except Exception:
             ok = False
         done = time.monotonic()
-        queue.put((r, ran[0] if ran else None, done, time.process_time() - cpu, ok))
+        rows.append((r, ran[0] if ran else None, done, time.thread_time() - cpu, ok))
+    queue.put(rows)
     peer.close()
 
 
@@ -335,7 +338,7 @@ def herd(spec: dict[str, Any], processes: int, rounds: int, size: int, sleep: fl
     ]
     for w in workers:
         w.start()
-    rows = [queue.get(timeout=300) for _ in range(processes * rounds)]
+    rows = [row for _ in range(processes) for row in queue.get(timeout=600)]
     for w in workers:
         w.join(60)
     wakes, lasts, executions, cpu, failures = [], [], [], [], 0
@@ -501,13 +504,14 @@ def w5(env: dict[str, Any], quick: bool) -> dict[str, Any]:
 # -- floors ---------------------------------------------------------------------------------------------------
 
 
-def _floor_waiter(name: str, ready: Any, queue: Any) -> None:
+def _floor_waiter(name: str, ready: Any, times: Any, i: int, leave: Any) -> None:
     import posix_ipc
 
     sem = posix_ipc.Semaphore(name)
     ready.release()
     sem.acquire()
-    queue.put(time.monotonic())
+    times[i] = time.monotonic()  # and nothing else until every waiter has woken: a floor
+    leave.wait()
 
 
 def broadcast_floor(waiters: int, rounds: int) -> dict[str, Any]:
@@ -518,27 +522,32 @@ def broadcast_floor(waiters: int, rounds: int) -> dict[str, Any]:
     for r in range(rounds):
         name = f"/mpfbench-floor-{os.getpid()}-{r}"
         sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX)
-        ready, queue = CTX.Semaphore(0), CTX.Queue()
-        procs = [CTX.Process(target=_floor_waiter, args=(name, ready, queue)) for _ in range(waiters)]
+        ready, times, leave = CTX.Semaphore(0), CTX.Array("d", waiters, lock=False), CTX.Event()
+        procs = [
+            CTX.Process(target=_floor_waiter, args=(name, ready, times, i, leave)) for i in range(waiters)
+        ]
         for p in procs:
             p.start()
         for _ in procs:
             ready.acquire()
-        time.sleep(0.05)  # let every waiter block in sem_wait
+        time.sleep(0.2)  # every waiter is in sem_wait by now
         start = time.monotonic()
         for _ in procs:
             sem.release()
-        times = [queue.get(timeout=60) - start for _ in procs]
+        while not all(times[i] for i in range(waiters)):
+            time.sleep(0.001)
+        leave.set()
         for p in procs:
-            p.join(10)
+            p.join(60)
         sem.unlink()
         sem.close()
-        wakes += times
-        lasts.append(max(times))
+        got = [times[i] - start for i in range(waiters)]
+        wakes += got
+        lasts.append(max(got))
     return {"wake": summary(wakes), "last": summary(lasts)}
 
 
-def _copy_out(name: str, size: int, go: Any, queue: Any) -> None:
+def _copy_out(name: str, size: int, ready: Any, go: Any, times: Any, i: int, leave: Any) -> None:
     import mmap
 
     import posix_ipc
@@ -546,9 +555,12 @@ def _copy_out(name: str, size: int, go: Any, queue: Any) -> None:
     shm = posix_ipc.SharedMemory(name)
     mm = mmap.mmap(shm.fd, size)
     shm.close_fd()
+    ready.release()
     go.wait()
     data = bytes(mm)
-    queue.put((time.monotonic(), len(data)))
+    times[i] = time.monotonic()
+    assert len(data) == size
+    leave.wait()
     mm.close()
 
 
@@ -565,18 +577,30 @@ def copy_floor(waiters: int, rounds: int) -> dict[str, Any]:
         name = f"/mpfbench-copy-{os.getpid()}-{r}"
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
         mm = mmap.mmap(shm.fd, size)
-        go, queue = CTX.Event(), CTX.Queue()
-        procs = [CTX.Process(target=_copy_out, args=(name, size, go, queue)) for _ in range(waiters)]
+        ready, go, times, leave = (
+            CTX.Semaphore(0),
+            CTX.Event(),
+            CTX.Array("d", waiters, lock=False),
+            CTX.Event(),
+        )
+        procs = [
+            CTX.Process(target=_copy_out, args=(name, size, ready, go, times, i, leave))
+            for i in range(waiters)
+        ]
         for p in procs:
             p.start()
-        time.sleep(0.3)  # every process mapped the segment
+        for _ in procs:
+            ready.acquire()
+        time.sleep(0.2)  # every process waits for the go
         start = time.monotonic()
         mm[:] = payload
         go.set()
-        ends = [queue.get(timeout=60)[0] for _ in procs]
-        lasts.append(max(ends) - start)
+        while not all(times[i] for i in range(waiters)):
+            time.sleep(0.001)
+        leave.set()
         for p in procs:
-            p.join(10)
+            p.join(60)
+        lasts.append(max(times[i] for i in range(waiters)) - start)
         mm.close()
         shm.close_fd()
         shm.unlink()
@@ -922,7 +946,10 @@ def main() -> int:
     report = markdown(results)
     print(report)
     if args.markdown:
-        args.markdown.write_text(report)
+        # Notes written by hand after the tables stay when the tables are regenerated.
+        old = args.markdown.read_text() if args.markdown.exists() else ""
+        notes = old[old.index(NOTES_MARK) :] if NOTES_MARK in old else f"{NOTES_MARK}\n"
+        args.markdown.write_text(f"{report}\n{notes}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0

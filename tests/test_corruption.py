@@ -160,7 +160,7 @@ IDLE = ("idle-0", "idle-1", "idle-2", "idle-3")
 
 SMALL_VALUE = {"n": [1, -2, 2**40, 1.5, None, True], "s": "välue", "b": b"\x00\xff", "t": (1, (2,))}
 BIG_VALUE = {
-    "rows": [(i, f"row {i}", i / 2) for i in range(60)],
+    "rows": [(i, f"row {i}", i / 2) for i in range(200)],  # encoded, well over a slot's 1664 bytes
     "when": datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
     "amount": Decimal("12.50"),
     "blob": bytes(range(256)) * 2,

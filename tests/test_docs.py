@@ -47,7 +47,7 @@ def test_header_table_matches_the_code() -> None:
 
 
 def test_slot_table_matches_the_code() -> None:
-    rows = _table("Slot (1024 bytes")
+    rows = _table("Slot (2048 bytes")
     assert [o for o, _ in rows] == [
         _layout.S_GEN, _layout.S_HOME, _layout.S_FLAGS, _layout.S_WAITERS, _layout.S_JOINS, _layout.S_OWNER_PID,
         _layout.S_BLOCKED_SLOT, _layout.S_OWNER_START, _layout.S_OWNER_TID, _layout.S_STARTED,
@@ -55,7 +55,7 @@ def test_slot_table_matches_the_code() -> None:
         _layout.S_KEY_LEN, _layout.S_KEY, _layout.S_RESULT,
     ]  # fmt: skip
     assert rows[-2:] == [(_layout.S_KEY, _layout.KEY_CAP), (_layout.S_RESULT, _layout.RESULT_CAP)]
-    assert _layout.SLOT_SIZE == 1024
+    assert _layout.SLOT_SIZE == 2048
     # every field's offset + size fits the struct the code packs
     for (offset, size), (nxt, _) in itertools.pairwise(rows):
         assert offset + size <= nxt

@@ -239,8 +239,8 @@ CHAOS_KEYS = [f"k{i:02d}" for i in range(20)]
 
 
 def chaos_value(key: str, large: bool = False) -> str:
-    """fn's value for key: short (inline in the slot), or large (over 640 bytes encoded: a segment)."""
-    return f"value:{key}" + (f";{key}" * 200 if large else "")
+    """fn's value for key: short (inline in the slot), or large (over 1664 bytes encoded: a segment)."""
+    return f"value:{key}" + (f";{key}" * 600 if large else "")
 
 
 def chaos_error(key: str) -> str:
