@@ -206,6 +206,15 @@ class _Detached(Exception):
     """A waiter whose future was cancelled leaves its call (raised inside _wait)."""
 
 
+def _resolve(future: Future[Any], result: object = None, error: BaseException | None = None) -> None:
+    """Resolve a caller's future, unless it was cancelled: then that caller has already gone."""
+    if future.set_running_or_notify_cancel():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
 def _retrieve(task: asyncio.Task[Result[object]]) -> None:
     """An asyncio owner's task ended: take its exception (its caller may have gone away)."""
     if not task.cancelled():
@@ -576,8 +585,7 @@ class Group:
                 ).start()  # fmt: skip
                 return
         except BaseException as e:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(e)
+            _resolve(future, error=e)
             self._left(t)
             return
         self._run_into(t, future, role, index, gen, fn, args, kwargs)
@@ -671,18 +679,11 @@ class Group:
             if role == _ALONE:
                 result = Result(fn(*args, **kwargs), False)
             else:
-                try:
-                    value = fn(*args, **kwargs)
-                except BaseException as e:
-                    self._complete(t, index, gen, None, e)
-                    raise
-                result = Result(value, self._complete(t, index, gen, value, None))
+                result = self._run(t, index, gen, fn, args, kwargs)
         except BaseException as e:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(e)
+            _resolve(future, error=e)
         else:
-            if future.set_running_or_notify_cancel():
-                future.set_result(result)
+            _resolve(future, result)
         finally:
             self._left(t)
 
@@ -695,11 +696,9 @@ class Group:
         except _Detached:
             pass
         except BaseException as e:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(e)
+            _resolve(future, error=e)
         else:
-            if future.set_running_or_notify_cancel():
-                future.set_result(result)
+            _resolve(future, result)
         finally:
             self._left(t)
 
