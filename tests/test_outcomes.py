@@ -17,7 +17,16 @@ import pytest
 import mpflight
 from tests import workers
 from tests.conftest import shm_entries
-from tests.helpers import DEADLINE, ROOT, Gate, join_in_thread, shared_outcome, wait_until, waiting
+from tests.helpers import (
+    DEADLINE,
+    ROOT,
+    Gate,
+    join_in_thread,
+    remote_owner,
+    shared_outcome,
+    wait_until,
+    waiting,
+)
 
 
 def test_value_crosses_processes(name: str, tmp_path: Path) -> None:
@@ -42,6 +51,24 @@ def _types(obj: object) -> object:
     if isinstance(obj, set | frozenset):
         return (type(obj), sorted(repr(_types(x)) for x in obj))
     return type(obj)
+
+
+def test_a_user_codec_carries_its_types_across_processes(name: str, tmp_path: Path) -> None:
+    """Group(..., codec=...): the owner's process encodes a registered type, the waiter's decodes it."""
+    proc, gate, _ = remote_owner(name, "k", "point", tmp_path, codec="point")
+    with mpflight.Group(name, codec=workers.POINT_CODEC) as group:
+        thread, box = join_in_thread(group, "k")
+        wait_until(lambda: waiting(group, "k") == 1, "this process to join")
+        gate.open()
+        thread.join(DEADLINE)
+        proc.join(DEADLINE)
+    assert box == [mpflight.Result({"where": workers.Point(3, 4)}, True)]
+
+
+def test_without_the_codec_the_type_is_not_carried(name: str, tmp_path: Path) -> None:
+    mine, _ = shared_outcome(name, "k", "point", tmp_path)
+    assert isinstance(mine, mpflight.SerializationError)
+    assert "tests.workers.Point" in str(mine)
 
 
 def test_builtin_exception_is_rebuilt_with_owner_traceback(name: str, tmp_path: Path) -> None:

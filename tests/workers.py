@@ -53,6 +53,8 @@ def own(
 ) -> None:
     """Own the call for key (fn held by the gate); write the owner's outcome, pickled, to out."""
     arm()
+    if group_options.get("codec") == "point":  # a codec is made in each process, not sent to it
+        group_options["codec"] = POINT_CODEC
     with mpflight.Group(name, **group_options) as group:  # type: ignore[arg-type]
         try:
             res = group.do_ex(key, held_factory, gate, runs, factory)
@@ -115,6 +117,31 @@ def _segfault() -> object:
     raise AssertionError("unreachable")
 
 
+class Point:
+    """A user type, carried by POINT_CODEC."""
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Point and (self.x, self.y) == (other.x, other.y)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _point_to_wire(p: Point) -> object:
+    return [p.x, p.y]
+
+
+def _point_from_wire(v: object) -> Point:
+    x, y = v  # type: ignore[misc]
+    return Point(x, y)
+
+
+POINT_CODEC = mpflight.Codec()
+POINT_CODEC.register(Point, 1, _point_to_wire, _point_from_wire)
+
+
 FACTORIES = {
     "value": lambda: "the value",
     "rich": _rich,
@@ -126,6 +153,7 @@ FACTORIES = {
     "sigkill": _sigkill,
     "exit": _exit,
     "segfault": _segfault,
+    "point": lambda: {"where": Point(3, 4)},
 }
 
 
