@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -50,7 +51,10 @@ class Server:
         argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.argv = argv
         self.output = (tmp / "server.out").open("wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.output, stderr=subprocess.STDOUT, cwd=ROOT)
+        # A session of its own: stopping it reaches the workers too, even if the master dies first.
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=self.output, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
         for key in ("ready",):
             (self.gate / key).touch()
         wait_until(self._answers, "the server to answer", deadline=DEADLINE)
@@ -101,6 +105,9 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(DEADLINE)
+        # Workers a failed test left blocked (or the master left behind) go with their session.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.output.close()
 
 
