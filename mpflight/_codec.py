@@ -642,11 +642,15 @@ _OWN_ERRORS: Final[dict[str, type[BaseException]]] = {
 
 
 def _rebuildable(module: str, qualname: str) -> type[BaseException] | None:
-    """The class named, when it is one unpack may rebuild: a built-in exception or an mpflight error."""
+    """The class named, when it is one unpack may rebuild: a built-in exception or an mpflight error.
+
+    Only Exception subclasses: a payload naming SystemExit, KeyboardInterrupt or GeneratorExit (which only
+    a damaged or hostile payload can) must not escape a waiter's ``except Exception``.
+    """
     found = vars(builtins).get(qualname) if module == "builtins" else _OWN_ERRORS.get(qualname)
     if (
         isinstance(found, type)
-        and issubclass(found, BaseException)
+        and issubclass(found, Exception)
         and found.__module__ == module
         and found.__qualname__ == qualname
     ):

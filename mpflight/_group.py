@@ -1108,7 +1108,7 @@ class Group:
             if where == RESULT_INLINE and length <= RESULT_CAP:
                 payload = bytes(t.mm[off + S_RESULT : off + S_RESULT + length])
                 return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner), True)  # type: ignore[arg-type]
-            if where == RESULT_SEGMENT and length <= MAX_RESULT_BYTES:
+            if where == RESULT_SEGMENT and 0 < length <= MAX_RESULT_BYTES:
                 with map_segment(t.segment(index, gen), length) as seg, memoryview(seg) as view:
                     value = _codec.unpack(view, self.codec, key=key, owner_pid=owner)
                 return Result(value, True)  # type: ignore[arg-type]

@@ -675,8 +675,6 @@ BUILTIN_ERRORS: dict[str, BaseException] = {
     "UnicodeDecodeError": UnicodeDecodeError("utf-8", b"\xff\xfe", 0, 1, "invalid start byte"),
     "ZeroDivisionError": ZeroDivisionError("division by zero"),
     "StopIteration": StopIteration({"v": (1,)}),
-    "SystemExit": SystemExit(3),
-    "KeyboardInterrupt": KeyboardInterrupt(),
     "TimeoutError": TimeoutError("slow"),
     "no args": RuntimeError(),
     "warning": DeprecationWarning("old"),
@@ -691,6 +689,15 @@ def test_builtin_exceptions_are_rebuilt(exc: BaseException) -> None:
     assert_same(original.args, rebuilt.args)
     assert str(rebuilt) == str(original)
     check_owner_traceback(rebuilt, original)
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()], ids=repr)
+def test_base_exceptions_are_never_rebuilt(exc: BaseException) -> None:
+    """A payload naming a BaseException that is not an Exception (only a damaged or hostile payload can:
+    owners publish those as aborts) arrives as RemoteError, so it cannot escape ``except Exception``."""
+    rebuilt = reraise(raised(exc))
+    assert type(rebuilt) is RemoteError
+    assert rebuilt.type_name == type(exc).__qualname__
 
 
 def test_oserror_keeps_errno_and_filenames() -> None:
