@@ -16,11 +16,13 @@ The protocol (docs/design.md has the state machine and the argument):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import inspect
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -29,7 +31,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from fcntl import LOCK_EX, LOCK_UN, flock
+from fcntl import LOCK_UN, flock
 from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import _codec, _faults, _owner
@@ -82,7 +84,9 @@ from ._layout import (
 )
 from ._locks import (
     SEP,
+    LockTimeout,
     SegmentFull,
+    lock_holder,
     map_segment,
     table_headers,
     unlink_all,
@@ -105,6 +109,11 @@ DEFAULT_CHECK_INTERVAL: Final = 0.2
 # How often a process checks, on its way into do(), that its table is still the one under its name,
 # and looks for calls stuck since the last look (their owners or readers may have died).
 HOUSEKEEPING_INTERVAL: Final = 1.0
+# How often each process's reaper sweeps its tables: what no live process takes part in any more is
+# reclaimed within about two intervals (a call must be seen at two sweeps before psutil is asked).
+REAP_INTERVAL: Final = 0.5
+# A wait for the table lock longer than this (without a deadline) is logged once, naming the holder.
+LONG_LOCK_WAIT: Final = 5.0
 # At most one "table is full" warning per table and process this often (stats count every fallback).
 FULL_WARNING_INTERVAL: Final = 10.0
 # Encoded results up to 2**32 - 1 bytes: the slot's length field is a u32.
@@ -225,18 +234,143 @@ def _close_unused(t: Table) -> None:
     """Unmap a table that no handle of this process refers to and no thread is inside.
 
     Until then it stays the process's table of its name, so that every handle and thread of the
-    process shares one mapping (and one set of the owner's objects for its local waiters).
+    process shares one mapping (and one set of the owner's objects for its local waiters). Closed is
+    set before looking for callers inside: one entering meanwhile sees it (``_use``) and refuses, and
+    one already inside keeps the table until it leaves (``_left``).
     """
     with _tables_lock:
-        if t.refs == 0 and not t.active and not t.closed:
-            if _tables.get(t.group) is t:
-                del _tables[t.group]
-            t.close()
+        if t.refs or t.closed:
+            return
+        t.closed = True
+        if t.active:
+            t.closed = False  # the last caller to leave closes it
+            return
+        if _tables.get(t.group) is t:
+            del _tables[t.group]
+        t.unmap()
+
+
+class _Token:
+    """A caller's responsibility for what it registered in the table (see Group._call)."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _held(ref: weakref.ref[_Token] | None) -> bool:
+    """Whether a registered claim or record still has somebody responsible for it in this process."""
+    return ref is not None and ref() is not None
+
+
+def _use(t: Table, marker: object) -> Table:
+    """Note that a caller (``marker``) is inside ``t``: it is not unmapped until the caller leaves."""
+    t.active.add(marker)
+    if t.closed:
+        t.active.discard(marker)
+        raise ValueError(f"operation on closed mpflight.Group {t.group!r}")
+    return t
+
+
+def _left(t: Table, marker: object) -> None:
+    """The caller ``marker`` is no longer inside ``t`` (idempotent)."""
+    t.active.discard(marker)
+    if t.refs == 0 and not t.active:
+        _close_unused(t)
+
+
+class _Reaper:
+    """One thread per process that keeps every table the process has open tidy, traffic or not.
+
+    Every REAP_INTERVAL it reclaims what no live process takes part in any more (the calls of dead
+    owners nobody waits for, records of dead waiters, published outcomes whose readers all died, and
+    what callers of this process left when an exception took them out of a call), and logs a wait for
+    the table lock that takes unusually long. It also runs what a caller with a deadline handed it:
+    publishing an outcome, leaving a call, when the table lock was not free in time. psutil is used
+    only for calls seen busy at two sweeps in a row. Started on first use, and again in a forked child.
+    """
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.work: queue.SimpleQueue[tuple[Table, object, Callable[[], object]]] = queue.SimpleQueue()
+
+    def ensure(self) -> None:
+        """Start this process's reaper thread if it does not run yet."""
+        if self.pid != os.getpid():
+            with self.lock:
+                if self.pid != os.getpid():
+                    self.pid = os.getpid()
+                    self.work = queue.SimpleQueue()
+                    self.wake = threading.Event()
+                    threading.Thread(
+                        target=self._run, args=(self.pid,), daemon=True, name="mpflight-reaper"
+                    ).start()
+
+    def defer(self, t: Table, job: Callable[[], object]) -> None:
+        """Run ``job`` on ``t`` in the reaper thread, soon (the table stays mapped until then)."""
+        marker = object()
+        t.active.add(marker)
+        self.work.put((t, marker, job))
+        self.ensure()
+        self.wake.set()
+
+    def _run(self, pid: int) -> None:
+        while os.getpid() == pid:
+            self.wake.wait(REAP_INTERVAL)
+            self.wake.clear()
+            while True:
+                try:
+                    t, marker, job = self.work.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    job()
+                except Exception:
+                    log.exception("mpflight table %r: deferred work failed", t.group)
+                finally:
+                    _left(t, marker)
+            with _tables_lock:
+                tables = [t for t in _tables.values() if not t.closed]
+            for t in tables:
+                marker = object()
+                try:
+                    _use(t, marker)
+                except ValueError:
+                    continue
+                try:
+                    self._sweep(t)
+                except Exception:  # a table removed or damaged under us: the next sweep looks again
+                    log.debug("mpflight table %r: sweep failed", t.group, exc_info=True)
+                finally:
+                    _left(t, marker)
+
+    def _sweep(self, t: Table) -> None:
+        now = time.monotonic()
+        for ident, since in list(t.lock.waits.items()):
+            if now - since >= LONG_LOCK_WAIT and (ident, since) not in t.warned_waits:
+                t.warned_waits.add((ident, since))
+                holder = lock_holder(t.file.fd)
+                log.warning(
+                    "mpflight table %r: a thread has waited %.0f s for the table lock, held by %s", t.group,
+                    now - since, f"pid {holder}" if holder else "a process that cannot be named",
+                )  # fmt: skip
+        orphans = any(ref() is None for ref in (*t.owners.values(), *t.readers.values()))
+        states, records = bytes(t.states), bytes(t.rmap)
+        busy = {(i, t.gen(i), state) for i, state in enumerate(states) if state}
+        busy.update((-1 - r, 0, 0) for r, used in enumerate(records) if used)
+        stuck = busy & t.seen_busy
+        t.seen_busy = busy
+        if orphans or stuck:
+            Group._reclaim(t, idle_only=True)
+
+
+_reaper = _Reaper()
 
 
 def _after_fork_in_child() -> None:
     global _tables_lock
     _tables_lock = threading.Lock()
+    _reaper.lock = threading.Lock()  # the reaper thread is not forked: the next call starts one
     for handle in list(_handles):
         handle._executor = None  # its threads were not forked
     _owner.forget_identity()
@@ -397,8 +531,7 @@ class Group:
             self._executor.shutdown(wait=False)
         with _tables_lock:
             t.refs -= 1
-        if t.refs == 0 and not t.active:
-            _close_unused(t)
+        _close_unused(t)
 
     def _table(self) -> Table:
         t = self._t
@@ -430,58 +563,114 @@ class Group:
         self, key: str | bytes, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
     ) -> tuple[T, bool]:
         t = self._t
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        # Whoever holds this object is responsible for what the table registers under it: the call this
+        # caller claimed or its waiter record. If it goes away while they are registered (an exception
+        # skipped every cleanup), the reaper ends them.
+        token = _Token()
         claimed = None
-        if _FAST and t is not None and callable(fn) and time.monotonic() - t.checked <= HOUSEKEEPING_INTERVAL:
-            kind = KEY_STR if type(key) is str else KEY_BYTES if type(key) is bytes else -1
-            if kind >= 0:
-                raw = key.encode("utf-8", "surrogatepass") if kind == KEY_STR else key  # type: ignore[union-attr]
-                if len(raw) <= KEY_CAP:
-                    claimed = self._claim_if_free(t, kind, raw)  # type: ignore[arg-type]
-        if claimed is not None:
-            assert t is not None
-            index, gen = claimed
-            role, record = _OWN, -1
-        else:
-            t = self._table_for(fn)
-            role, index, gen, record = self._enter(t, key, threading.get_ident(), blocking=True)
-            if role == _ALONE:
-                return fn(*args, **kwargs), False
-        # While this thread is inside the table, closing the handle must not unmap it.
-        t.active.append(None)
+        used = None  # the table this caller is inside: closing the handle must not unmap it meanwhile
         try:
+            if (
+                _FAST
+                and t is not None
+                and callable(fn)
+                and time.monotonic() - t.checked <= HOUSEKEEPING_INTERVAL
+            ):
+                kind = KEY_STR if type(key) is str else KEY_BYTES if type(key) is bytes else -1
+                if kind >= 0:
+                    raw = key.encode("utf-8", "surrogatepass") if kind == KEY_STR else key  # type: ignore[union-attr]
+                    if len(raw) <= KEY_CAP:
+                        used = _use(t, token)
+                        claimed = self._claim_if_free(t, kind, raw, token, deadline)  # type: ignore[arg-type]
+            if claimed is not None:
+                assert t is not None
+                index, gen = claimed
+                role, record = _OWN, -1
+            else:
+                if used is not None:
+                    _left(used, token)
+                    used = None
+                t = used = _use(self._table_for(fn), token)
+                role, index, gen, record = self._enter(t, key, threading.get_ident(), token, deadline, True)
+                if role == _ALONE:
+                    return fn(*args, **kwargs), False
             if role == _JOIN:
-                return self._wait(t, index, gen, record, key)
+                return self._wait(t, index, gen, record, key, token, deadline)
             try:
                 value = fn(*args, **kwargs)
             except BaseException as e:
-                self._complete(t, index, gen, None, e)
+                self._complete(t, index, gen, None, e, deadline)
                 raise
             # Nobody joined (a hint, read without the lock; _free_if_alone reads it again under it):
             # free the slot in one short hold. Somebody joined: publish.
             if (
                 claimed is not None
                 and not t.u32s[index * U32S + S_JOINS // 4]
-                and self._free_if_alone(t, index, gen)
+                and self._free_if_alone(t, index, gen, deadline)
             ):
                 return value, False
-            return value, self._complete(t, index, gen, value, None)
+            return value, self._complete(t, index, gen, value, None, deadline)
+        except BaseException:
+            if used is not None:
+                self._recover(used, token)
+            raise
         finally:
-            t.active.pop()
-            if t.refs == 0 and not t.active:
-                _close_unused(t)
+            if used is not None:
+                _left(used, token)
 
-    def _free_if_alone(self, t: Table, index: int, gen: int) -> bool:
+    def _recover(self, t: Table, token: _Token, deadline: float | None = None) -> None:
+        """End what the table registers under ``token``: after an exception left a call early (an
+        interruption, a failure to read, a cancellation), nothing of this caller's stays behind. Its
+        claim is freed (nobody joined) or aborted for its waiters; its waiter record is dropped. When
+        the lock is not free by ``deadline``, the reaper does it."""
+        if t.closed or not any(ref() is token for ref in (*t.owners.values(), *t.readers.values())):
+            return
+        try:
+            t.locked(self._end_orphans, t, token, deadline=deadline)
+        except LockTimeout:
+            _reaper.defer(t, functools.partial(t.locked, self._end_orphans, t, token))
+
+    @staticmethod
+    def _end_orphans(t: Table, token: _Token | None) -> tuple[int, int]:
+        """Under the lock: end the calls and records registered under ``token``, or (None) under a
+        token that no longer exists. Returns how many calls and records."""
+        calls = records = 0
+        for (index, gen), ref in list(t.owners.items()):
+            held = ref()
+            if held is not token if token is not None else held is not None:
+                continue
+            calls += 1
+            if t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
+                t.owners.pop((index, gen), None)
+            elif t.states[index] == RUNNING and t.u32s[index * U32S + S_JOINS // 4] == 0:
+                t.bump(C_ABORTS)
+                segment = t.free(index, gen)
+                if segment is not None:
+                    unlink_segment(segment)
+            else:
+                Group._abort(t, index, gen, "the owner left do() early (an exception interrupted it)")
+        for record, ref in list(t.readers.items()):
+            held = ref()
+            if held is not token if token is not None else held is not None:
+                continue
+            records += 1
+            if t.rmap[record] == 1:
+                _, slot, _, _, gen, _ = RECORD.unpack_from(t.mm, t.geo.record(record))
+                Group._leave(t, slot, gen, record, None)
+            t.readers.pop(record, None)
+        return calls, records
+
+    def _free_if_alone(self, t: Table, index: int, gen: int, deadline: float | None) -> bool:
         """The uncontended end of ``do``: when nobody joined the call, free its slot in one short hold
         of the lock. False leaves everything to _complete (someone joined, or the table needs repair)."""
-        tl = t.thread_lock
-        tl.acquire()
+        hold = t.lock.hold()
         try:
-            flock(t.fd, LOCK_EX)
-        except BaseException:
-            tl.release()
-            raise
-        mm, u32s, base = t.mm, t.u32s, index * U32S
-        try:
+            try:
+                t.lock.acquire(hold, deadline)
+            except LockTimeout:
+                return False  # _complete defers the rest
+            mm, u32s, base = t.mm, t.u32s, index * U32S
             if (
                 mm[H_DIRTY]
                 or t.u64s[index * U64S] != gen
@@ -490,8 +679,6 @@ class Group:
             ):
                 return False
             mm[H_DIRTY] = 1
-            counters = t.counters
-            counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
             if u32s[base + S_FLAGS // 4] & JOINABLE:
                 home = u32s[base + S_HOME // 4]
                 if home < t.slots and t.homes[home]:
@@ -499,29 +686,26 @@ class Group:
                 else:
                     t.unhome(home)  # damage: marks the table for repair
             t.states[index] = FREE
+            del t.owners[index, gen]
             if not t.damaged:
                 mm[H_DIRTY] = 0
             t.damaged = False
             return True
         finally:
-            flock(t.fd, LOCK_UN)
-            tl.release()
+            flock(hold.fd, LOCK_UN)
 
-    def _claim_if_free(self, t: Table, kind: int, raw: bytes) -> tuple[int, int] | None:
+    def _claim_if_free(
+        self, t: Table, kind: int, raw: bytes, token: _Token, deadline: float | None
+    ) -> tuple[int, int] | None:
         """The uncontended path of ``do``, in one short hold of the lock: when no call of the key is
         joinable and the table needs no repair, claim a free slot. None sends the caller down the
         general path (_enter), which handles everything else.
         """
         home = zlib.crc32(raw, kind) % t.slots
-        tl = t.thread_lock
-        tl.acquire()
+        hold = t.lock.hold()
         try:
-            flock(t.fd, LOCK_EX)
-        except BaseException:
-            tl.release()
-            raise
-        mm = t.mm
-        try:
+            t.lock.acquire(hold, deadline)
+            mm = t.mm
             index = -1
             # A joinable call of this very key means joining it, and a dirty table repair: both are
             # the general path's. A joinable call of another key with the same home is not.
@@ -531,20 +715,19 @@ class Group:
                 if index < 0:
                     index = mm.find(b"\0", state_map, state_map + home)
             if index < 0:
-                flock(t.fd, LOCK_UN)
                 return None
             index -= state_map
             mm[H_DIRTY] = 1
             pid, start = _owner._identity or _owner.identity()
-            gen = self._claim(t, index, home, kind, raw, raw, pid, start, threading.get_ident())
+            gen = self._claim(t, index, home, kind, raw, raw, pid, start, threading.get_ident(), token)
             mm[H_DIRTY] = 0
-            flock(t.fd, LOCK_UN)
             return index, gen
-        except BaseException:
-            flock(t.fd, LOCK_UN)  # the dirty byte, if set, stays set: the next holder repairs
-            raise
+        except LockTimeout:
+            raise TimeoutError(
+                f"gave up waiting {self.timeout} s for the table lock of {self.name!r}"
+            ) from None
         finally:
-            tl.release()
+            flock(hold.fd, LOCK_UN)  # the dirty byte, if set, stays set: the next holder repairs
 
     def do_future(
         self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -555,40 +738,59 @@ class Group:
         of its own, never in that pool. Cancelling the future detaches this caller only: the call
         goes on for everyone else. Every outcome resolves the future, aborts and timeouts included.
         """
-        t = self._table_for(fn)
         _key_identity(key)  # a bad key raises here, at once
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        token = _Token()
+        t = _use(self._table_for(fn), token)
         future: Future[Result[T]] = Future()
-        t.active.append(None)
         try:
-            self._pool().submit(self._begin_future, t, future, key, fn, args, kwargs)
+            self._pool().submit(self._begin_future, t, future, key, fn, args, kwargs, token, deadline)
         except BaseException:
-            self._left(t)
+            _left(t, token)
             raise
         return future
 
     def _begin_future(
         self, t: Table, future: Future[Result[T]], key: str | bytes, fn: Callable[..., T],
-        args: tuple[object, ...], kwargs: dict[str, object],
+        args: tuple[object, ...], kwargs: dict[str, object], token: _Token, deadline: float | None,
     ) -> None:  # fmt: skip
         """In a pool thread: claim or join the call only now (a call queued behind busy pool threads
         holds no slot that others would wait on), then run fn here, or hand the wait to a thread of
         its own and free this pool thread."""
-        if future.cancelled():
-            self._left(t)
-            return
         try:
-            role, index, gen, record = self._enter(t, key, threading.get_ident(), blocking=False)
-            if role == _JOIN:
-                threading.Thread(
-                    target=self._wait_into, args=(t, future, index, gen, record, key), daemon=True,
-                    name=f"mpflight-wait-{self.name}",
-                ).start()  # fmt: skip
+            if future.cancelled():
                 return
+            role, index, gen, record = self._enter(t, key, threading.get_ident(), token, deadline, False)
+            if role == _JOIN:
+                self._start_wait(t, future, index, gen, record, key, token, deadline)
+                return
+            if role == _ALONE:
+                result = Result(fn(*args, **kwargs), False)
+            else:
+                result = self._run(t, index, gen, fn, args, kwargs, token, deadline)
         except BaseException as e:
+            self._recover(t, token)
             _resolve(future, error=e)
-            self._left(t)
-            return
-        self._run_into(t, future, role, index, gen, fn, args, kwargs)
+        else:
+            _resolve(future, result)
+        finally:
+            _left(t, token)
+
+    def _start_wait(
+        self, t: Table, future: Future[Result[T]], index: int, gen: int, record: int, key: str | bytes,
+        token: _Token, deadline: float | None,
+    ) -> None:  # fmt: skip
+        """Wait for (index, gen) in a thread of its own, which resolves ``future`` (and keeps the
+        table in use until it ends)."""
+        mark = _use(t, object())
+        try:
+            threading.Thread(
+                target=self._wait_into, args=(t, future, index, gen, record, key, token, deadline, mark),
+                daemon=True, name=f"mpflight-wait-{self.name}",
+            ).start()  # fmt: skip
+        except BaseException:
+            _left(t, mark)
+            raise
 
     @overload
     async def do_async(
@@ -603,31 +805,46 @@ class Group:
     async def do_async(self, key: str | bytes, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """As ``do``, for asyncio: fn is a coroutine function (awaited on this loop) or a plain one
         (run in the loop's default executor). Waiting never blocks the loop nor takes an executor
-        thread. Cancelling the awaiting task detaches this caller only, also when it owns the call:
-        the call goes on and every other caller still gets its outcome.
+        thread: a waiter waits in a thread of its own. Cancelling the awaiting task detaches this
+        caller only, also when it owns the call: the call goes on and every other caller still gets
+        its outcome. The table lock is taken briefly on the loop, as by ``do``.
         """
-        t = self._table_for(fn)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         task = asyncio.current_task()
-        token = id(task) if task is not None else threading.get_ident()
-        role, index, gen, record = self._enter(t, key, token, blocking=False)
-        if role == _JOIN:
+        tid = id(task) if task is not None else threading.get_ident()
+        token = _Token()
+        t = _use(self._table_for(fn), token)
+        handed = False
+        try:
+            role, index, gen, record = self._enter(t, key, tid, token, deadline, False)
+            if role == _ALONE:
+                return await self._call_async(asyncio.get_running_loop(), fn, args, kwargs)
+            if role == _OWN:
+                handed = True
+                runner = asyncio.get_running_loop().create_task(
+                    self._own_async(t, index, gen, fn, args, kwargs, token, deadline)
+                )
+                t.tasks.add(runner)
+                runner.add_done_callback(t.tasks.discard)
+                runner.add_done_callback(_retrieve)
+                self._rename_owner(t, index, gen, id(runner))  # fn runs in the runner: re-entry is seen there
+                return (await asyncio.shield(runner)).value
             waited: Future[Result[Any]] = Future()
-            t.active.append(None)
-            threading.Thread(
-                target=self._wait_into, args=(t, waited, index, gen, record, key), daemon=True,
-                name=f"mpflight-wait-{self.name}",
-            ).start()  # fmt: skip
-            return (await asyncio.wrap_future(waited)).value
-        loop = asyncio.get_running_loop()
-        if role == _ALONE:
-            return await self._call_async(loop, fn, args, kwargs)
-        t.active.append(None)
-        runner = loop.create_task(self._own_async(loop, t, index, gen, fn, args, kwargs))
-        t.tasks.add(runner)
-        runner.add_done_callback(t.tasks.discard)
-        runner.add_done_callback(_retrieve)
-        self._rename_owner(t, index, gen, id(runner))  # fn runs in the runner: re-entry is seen there
-        return (await asyncio.shield(runner)).value
+            self._start_wait(t, waited, index, gen, record, key, token, deadline)
+            try:
+                return (await asyncio.wrap_future(waited)).value
+            except BaseException:
+                # Cancelled (Ctrl-C under asyncio.run, a timeout): leave now, not when the wait thread
+                # next looks; it finds the record gone and ends.
+                waited.cancel()
+                self._recover(t, token, time.monotonic())
+                raise
+        except BaseException:
+            if not handed:  # once made, the owner's runner ends the call itself
+                self._recover(t, token, time.monotonic())
+            raise
+        finally:
+            _left(t, token)
 
     async def _call_async(
         self, loop: asyncio.AbstractEventLoop, fn: Callable[..., object], args: tuple[object, ...],
@@ -638,23 +855,27 @@ class Group:
         return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
     async def _own_async(
-        self, loop: asyncio.AbstractEventLoop, t: Table, index: int, gen: int, fn: Callable[..., object],
-        args: tuple[object, ...], kwargs: dict[str, object],
+        self, t: Table, index: int, gen: int, fn: Callable[..., object], args: tuple[object, ...],
+        kwargs: dict[str, object], token: _Token, deadline: float | None,
     ) -> Result[object]:  # fmt: skip
         """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
+        marker = _use(t, object())
         try:
             try:
                 if inspect.iscoroutinefunction(fn):
                     value = await fn(*args, **kwargs)
                 else:
                     call = functools.partial(self._adopted, t, index, gen, fn, args, kwargs)
-                    value = await loop.run_in_executor(None, call)
+                    value = await asyncio.get_running_loop().run_in_executor(None, call)
             except BaseException as e:
-                self._complete(t, index, gen, None, e)
+                self._complete(t, index, gen, None, e, deadline, token)
                 raise
-            return Result(value, self._complete(t, index, gen, value, None))
+            return Result(value, self._complete(t, index, gen, value, None, deadline, token))
+        except BaseException:
+            self._recover(t, token, time.monotonic())
+            raise
         finally:
-            self._left(t)
+            _left(t, marker)
 
     def _adopted(
         self, t: Table, index: int, gen: int, fn: Callable[..., object], args: tuple[object, ...],
@@ -666,46 +887,28 @@ class Group:
 
     def _rename_owner(self, t: Table, index: int, gen: int, tid: int) -> None:
         """The call (index, gen) is now run by ``tid`` (a thread or task), for re-entry and cycle checks."""
-        with t:
-            if t.gen(index) == gen and t.states[index] == RUNNING:
-                t.u64s[index * U64S + S_OWNER_TID // 8] = tid
+        t.locked(self._renamed, t, index, gen, tid)
 
-    def _run_into(
-        self, t: Table, future: Future[Result[T]], role: int, index: int, gen: int, fn: Callable[..., T],
-        args: tuple[object, ...], kwargs: dict[str, object],
-    ) -> None:  # fmt: skip
-        """In the pool: run fn (as the call's owner, or alone) and resolve the future."""
-        try:
-            if role == _ALONE:
-                result = Result(fn(*args, **kwargs), False)
-            else:
-                result = self._run(t, index, gen, fn, args, kwargs)
-        except BaseException as e:
-            _resolve(future, error=e)
-        else:
-            _resolve(future, result)
-        finally:
-            self._left(t)
+    def _renamed(self, t: Table, index: int, gen: int, tid: int) -> None:
+        if t.gen(index) == gen and t.states[index] == RUNNING:
+            t.u64s[index * U64S + S_OWNER_TID // 8] = tid
 
     def _wait_into(
-        self, t: Table, future: Future[Result[T]], index: int, gen: int, record: int, key: str | bytes
-    ) -> None:
+        self, t: Table, future: Future[Result[T]], index: int, gen: int, record: int, key: str | bytes,
+        token: _Token, deadline: float | None, mark: object,
+    ) -> None:  # fmt: skip
         """In a thread of its own: wait for the call and resolve the future; leave if it is cancelled."""
         try:
-            result: Result[T] = self._wait(t, index, gen, record, key, detached=future.cancelled)
+            result: Result[T] = self._wait(t, index, gen, record, key, token, deadline, future.cancelled)
         except _Detached:
-            pass
+            self._recover(t, token)
         except BaseException as e:
+            self._recover(t, token)
             _resolve(future, error=e)
         else:
             _resolve(future, result)
         finally:
-            self._left(t)
-
-    def _left(self, t: Table) -> None:
-        t.active.pop()
-        if t.refs == 0 and not t.active:
-            _close_unused(t)
+            _left(t, mark)
 
     def _pool(self) -> ThreadPoolExecutor:
         """The handle's thread pool for owners' fns, made on first use (and again after fork)."""
@@ -723,50 +926,72 @@ class Group:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if time.monotonic() - t.checked > HOUSEKEEPING_INTERVAL:
+            _reaper.ensure()
             t = self._housekeeping(t)
         return t
 
-    def _enter(self, t: Table, key: object, tid: int, *, blocking: bool) -> tuple[int, int, int, int]:
-        """Under the lock: claim the key's call or join it. Returns (role, slot, generation, record).
+    def _enter(
+        self, t: Table, key: object, tid: int, token: _Token, deadline: float | None, blocking: bool
+    ) -> tuple[int, int, int, int]:
+        """Claim the key's call or join it, under the lock. Returns (role, slot, generation, record).
 
-        ``tid`` names the caller (a thread, a task, a future) for re-entry and cycle checks;
-        ``blocking`` callers also note what their thread waits on, for the cycle checks of others.
+        ``tid`` names the caller (a thread, a task, a future) for re-entry and cycle checks; the claim
+        or record is registered under ``token``; ``blocking`` callers also note what their thread
+        waits on, for the cycle checks of others. TimeoutError when the lock is not free by ``deadline``.
         """
         kind, raw, ident = _key_identity(key)
         home = zlib.crc32(ident, kind) % t.slots
         pid, start = _owner.identity()
-        refused: DeadlockError | None = None
-        with t:
-            index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
-            if index >= 0:
-                try:
-                    gen, record = self._try_join(t, index, key, pid, start, tid, blocking)  # type: ignore[arg-type]
-                except DeadlockError as e:  # nothing was written: leave the lock clean, then raise
-                    refused, gen, record = e, _REFUSED, -1
-                if gen >= 0:
-                    return _JOIN, index, gen, record
-                if gen == _OWNER_GONE:  # its call is aborted: start a new one
-                    index = -1
-                elif gen == _NO_RECORD:
-                    t.bump(C_FALLBACKS)
-                    full = "waiter records"
-            if index == -1:  # nobody runs this key: claim the first free slot from its home on
-                state_map = t.geo.state_map
-                index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
-                if index < 0:
-                    index = t.mm.find(b"\0", state_map, state_map + home)
-                if index >= 0:
-                    index -= state_map
-                    return _OWN, index, self._claim(t, index, home, kind, raw, ident, pid, start, tid), -1
+        try:
+            entered = t.locked(
+                self._enter_locked, t, key, kind, raw, ident, home, pid, start, tid, token, blocking,
+                deadline=deadline,
+            )  # fmt: skip
+        except LockTimeout:
+            raise TimeoutError(
+                f"gave up waiting {self.timeout} s for the table lock of {self.name!r}"
+            ) from None
+        if isinstance(entered, DeadlockError):
+            raise entered
+        if isinstance(entered, str):
+            now = time.monotonic()
+            if now - t.warned_full >= FULL_WARNING_INTERVAL:  # one warning a while, not one per call
+                t.warned_full = now
+                log.warning(
+                    "mpflight table %r has no free %s: running fn without coalescing", self.name, entered
+                )
+            return _ALONE, -1, -1, -1
+        return entered
+
+    def _enter_locked(
+        self, t: Table, key: str | bytes, kind: int, raw: bytes, ident: bytes, home: int, pid: int,
+        start: int, tid: int, token: _Token, blocking: bool,
+    ) -> tuple[int, int, int, int] | DeadlockError | str:  # fmt: skip
+        """Under the lock: _enter's work. A refusal is returned, having written nothing, so that the
+        lock is left clean; so is what ran out ("slots" or "waiter records") when nothing was free."""
+        index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
+        full = "slots"
+        if index >= 0:
+            try:
+                gen, record = self._try_join(t, index, key, pid, start, tid, token, blocking)
+            except DeadlockError as e:  # nothing was written
+                return e
+            if gen >= 0:
+                return _JOIN, index, gen, record
+            if gen == _OWNER_GONE:  # its call is aborted: start a new one
+                index = -1
+            elif gen == _NO_RECORD:
                 t.bump(C_FALLBACKS)
-                full = "slots"
-        if refused is not None:
-            raise refused
-        now = time.monotonic()
-        if now - t.warned_full >= FULL_WARNING_INTERVAL:  # one warning a while, not one per call
-            t.warned_full = now
-            log.warning("mpflight table %r has no free %s: running fn without coalescing", self.name, full)
-        return _ALONE, -1, -1, -1
+                return "waiter records"
+        state_map = t.geo.state_map  # nobody runs this key: claim the first free slot from its home on
+        index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
+        if index < 0:
+            index = t.mm.find(b"\0", state_map, state_map + home)
+        if index >= 0:
+            index -= state_map
+            return _OWN, index, self._claim(t, index, home, kind, raw, ident, pid, start, tid, token), -1
+        t.bump(C_FALLBACKS)
+        return full
 
     def _find(self, t: Table, kind: int, ident: bytes, key_len: int, home: int) -> int:
         """Under the lock: the slot of the joinable call for this key, or -1.
@@ -810,10 +1035,18 @@ class Group:
         pid: int,
         start: int,
         tid: int,
+        token: _Token,
     ) -> int:
-        """Under the lock: make FREE slot ``index`` this caller's RUNNING call. Returns its generation."""
+        """Under the lock: make FREE slot ``index`` this caller's RUNNING call. Returns its generation.
+
+        The claim is registered under ``token`` before the state byte makes it a call, and counted as
+        a run: every call is counted once, as a run, a join or a fallback, whatever happens next.
+        """
         off = t.geo.slot_base + index * SLOT_SIZE
         gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
+        t.owners[index, gen] = weakref.ref(token)
+        counters = t.counters
+        counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
         SLOT.pack_into(
             t.mm, off, gen, home, JOINABLE, 0, 0, pid, 0, start, tid, time.time(), 0, kind, RESULT_NONE, 0, 0,
             len(raw),
@@ -826,9 +1059,10 @@ class Group:
         return gen
 
     def _try_join(
-        self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int, blocking: bool
-    ) -> tuple[int, int]:
-        """Under the lock: register as a waiter of the call in ``index``.
+        self, t: Table, index: int, key: str | bytes, pid: int, start: int, tid: int, token: _Token,
+        blocking: bool,
+    ) -> tuple[int, int]:  # fmt: skip
+        """Under the lock: register as a waiter of the call in ``index``, under ``token``.
 
         Returns (the call's generation, our record); the generation is _OWNER_GONE when its owner is
         gone (the call is aborted: claim anew), _NO_RECORD when every waiter record is taken (run fn
@@ -837,7 +1071,15 @@ class Group:
         off = t.slot_off(index)
         gen = t.gen(index)
         owner = t.u32(off + S_OWNER_PID)
-        if owner != pid:
+        if owner == pid:
+            # This process's pid: our call only if the start time is ours too (else the pid was reused
+            # after its owner died), and only while somebody in this process is responsible for it (else
+            # the thread that claimed it left without ending it, or died).
+            mine = t.u64s[index * U64S + S_OWNER_START // 8] == start
+            if not mine or not _held(t.owners.get((index, gen))):
+                self._abort(t, index, gen, "owner died" if not mine else "the owner left do() early")
+                return _OWNER_GONE, -1
+        else:
             # A cheap look before joining: a pid that is gone is a dead owner (zombies and reused
             # pids are caught by the waiters' identity checks).
             try:
@@ -856,21 +1098,20 @@ class Group:
             return _NO_RECORD, -1
         r -= t.geo.record_map
         RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
+        t.readers[r] = weakref.ref(token)
         t.rmap[r] = 1
         _faults.reached("join")
         t.set_u32(off + S_WAITERS, t.u32(off + S_WAITERS) + 1)
         t.set_u32(off + S_JOINS, t.u32(off + S_JOINS) + 1)
         t.bump(C_JOINS)
-        if owner == pid:
-            local = t.local.get((index, gen))
-            if local is None:
-                local = t.local[(index, gen)] = LocalCall()
-            local.waiting += 1
+        if owner == pid and (index, gen) not in t.local:
+            t.local[index, gen] = LocalCall()
         if blocking:
             self._set_blocked(t, index + 1, gen)
         return gen, r
 
-    def _set_blocked(self, t: Table, slot_plus_one: int, gen: int) -> None:
+    @staticmethod
+    def _set_blocked(t: Table, slot_plus_one: int, gen: int) -> None:
         """Under the lock: note in every call this thread owns what it now waits on (for cycle checks).
 
         Found by scanning the running calls for this thread's identity, so that owners keep no record
@@ -909,43 +1150,34 @@ class Group:
     # -- owner -----------------------------------------------------------------------------------------
 
     def _run(
-        self,
-        t: Table,
-        index: int,
-        gen: int,
-        fn: Callable[..., T],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
-    ) -> Result[T]:
+        self, t: Table, index: int, gen: int, fn: Callable[..., T], args: tuple[object, ...],
+        kwargs: dict[str, object], token: _Token, deadline: float | None,
+    ) -> Result[T]:  # fmt: skip
+        """Run fn as the owner of (index, gen), and publish its outcome."""
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:
-            self._complete(t, index, gen, None, e)
+            self._complete(t, index, gen, None, e, deadline, token)
             raise
-        return Result(value, self._complete(t, index, gen, value, None))
+        return Result(value, self._complete(t, index, gen, value, None, deadline, token))
 
-    def _complete(self, t: Table, index: int, gen: int, value: object, error: BaseException | None) -> bool:
-        """Publish the outcome of the call in ``index`` to its waiters; returns ``shared``."""
-        with t:
-            if t.u64s[index * U64S] != gen or t.states[index] in (FREE, DONE):
-                # Our call was aborted under us (we were taken for dead): nobody waits for us.
-                return False
-            base = index * U32S
-            t.bump(C_RUNS)
-            if error is not None and isinstance(error, Exception):
-                t.bump(C_ERRORS)
-            if t.u32s[base + S_JOINS // 4] == 0:  # nobody joined: free the slot, publish nothing
-                if t.u32s[base + S_FLAGS // 4] & JOINABLE:
-                    t.unhome(t.u32s[base + S_HOME // 4])
-                t.states[index] = FREE
-                return False
-            t.unjoin(index)
-            t.states[index] = COMPLETING
-            waiters = t.waiters_of(index)
-            local = t.local.get((index, gen))
-            if local is not None:
-                local.value, local.error, local.filled = value, error, True
-            remote = waiters - (local.waiting if local is not None else 0)
+    def _complete(
+        self, t: Table, index: int, gen: int, value: object, error: BaseException | None,
+        deadline: float | None, token: _Token | None = None,
+    ) -> bool:  # fmt: skip
+        """Publish the outcome of the call in ``index`` to its waiters; returns ``shared``.
+
+        fn has returned: its caller gets its outcome whatever happens here. When the lock is not free
+        by the deadline, the rest is handed to the reaper (which keeps ``token``, and so the call, alive).
+        """
+        try:
+            remote = t.locked(self._completing, t, index, gen, value, error, deadline=deadline)
+        except LockTimeout:
+            finish = functools.partial(self._complete, t, index, gen, value, error, None, token)
+            _reaper.defer(t, finish)
+            return bool(t.u32s[index * U32S + S_JOINS // 4])
+        if remote is None:
+            return False
         _faults.reached("completing")
         where, length = RESULT_LOCAL, 0
         try:
@@ -958,30 +1190,78 @@ class Group:
                 t, index, _codec.pack_abort(f"the owner could not publish: {ascii(e)[:200]}")
             )
             if not isinstance(e, Exception):
-                self._publish(t, index, gen, where, length)
+                self._publish(t, index, gen, where, length, deadline, token)
                 raise
-        self._publish(t, index, gen, where, length)
+        self._publish(t, index, gen, where, length, deadline, token)
         return True
 
-    def _publish(self, t: Table, index: int, gen: int, where: int, length: int) -> None:
-        """Under the lock: mark the outcome of (index, gen) DONE and wake its waiters."""
-        off = t.geo.slot_base + index * SLOT_SIZE
-        with t:
-            if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
-                # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
-                if where == RESULT_SEGMENT:
-                    unlink_segment(t.segment(index, gen))
-                return
-            t.mm[off + S_RESULT_WHERE] = where
-            t.set_u32(off + S_RESULT_LEN, length)
-            t.states[index] = DONE
-            _faults.reached("publish")
-            waiters = t.waiters_of(index)
-            segment = t.free(index, gen) if waiters == 0 else None
-        if segment is not None:
-            unlink_segment(segment)
+    def _completing(
+        self, t: Table, index: int, gen: int, value: object, error: BaseException | None
+    ) -> int | None:
+        """Under the lock: end the call's run. None when nobody joined (the slot is free again) or the
+        call is no longer ours; else it is COMPLETING, and this is how many waiters are in other
+        processes (threads of ours take the owner's very objects)."""
+        if t.u64s[index * U64S] != gen or t.states[index] in (FREE, DONE):
+            # Our call was aborted under us (we were taken for dead): nobody waits for us.
+            t.owners.pop((index, gen), None)
+            return None
+        if error is not None:
+            t.bump(C_ERRORS if isinstance(error, Exception) else C_ABORTS)
+        if t.u32s[index * U32S + S_JOINS // 4] == 0:  # nobody joined: free the slot, publish nothing
+            t.free(index, gen)
+            return None
+        t.unjoin(index)
+        t.states[index] = COMPLETING
+        local = t.local.get((index, gen))
+        if local is not None:
+            local.value, local.error, local.filled = value, error, True
+        return t.waiters_of(index) - self._local_waiters(t, index, gen)
+
+    def _local_waiters(self, t: Table, index: int, gen: int) -> int:
+        """Under the lock: the registered waiters of (index, gen) that are threads of this process,
+        counted from the records themselves, which are the truth whatever interrupted whom."""
+        pid, start = _owner.identity()
+        base, end, mm, n = t.geo.record_map, t.geo.record_map + t.records, t.mm, 0
+        r = mm.find(b"\1", base, end)
+        while r >= 0:
+            rpid, slot, rstart, _, rgen, _ = RECORD.unpack_from(mm, t.geo.record(r - base))
+            n += (rpid, rstart, slot, rgen) == (pid, start, index, gen)
+            r = mm.find(b"\1", r + 1, end)
+        return n
+
+    def _publish(
+        self, t: Table, index: int, gen: int, where: int, length: int, deadline: float | None,
+        token: _Token | None,
+    ) -> None:  # fmt: skip
+        """Mark the outcome of (index, gen) DONE and wake its waiters (in the background when the lock
+        is not free by the deadline: the owner's caller has its outcome already)."""
+        try:
+            waiters = t.locked(self._published, t, index, gen, where, length, deadline=deadline)
+        except LockTimeout:
+            _reaper.defer(t, functools.partial(self._publish, t, index, gen, where, length, None, token))
+            return
         if waiters:
             self._post(t, index, waiters)
+
+    def _published(self, t: Table, index: int, gen: int, where: int, length: int) -> int:
+        """Under the lock: the outcome is in place; DONE. Returns how many waiters to wake."""
+        t.owners.pop((index, gen), None)
+        off = t.geo.slot_base + index * SLOT_SIZE
+        if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
+            # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
+            if where == RESULT_SEGMENT:
+                unlink_segment(t.segment(index, gen))
+            return 0
+        t.mm[off + S_RESULT_WHERE] = where
+        t.set_u32(off + S_RESULT_LEN, length)
+        t.states[index] = DONE
+        _faults.reached("publish")
+        waiters = t.waiters_of(index)
+        if waiters == 0:
+            segment = t.free(index, gen)
+            if segment is not None:
+                unlink_segment(segment)
+        return waiters
 
     def _write_inline(self, t: Table, index: int, payload: bytes) -> tuple[int, int]:
         """Outside the lock, in COMPLETING (the result area is the owner's): a small payload, inline."""
@@ -1031,70 +1311,69 @@ class Group:
     # -- waiter ----------------------------------------------------------------------------------------
 
     def _wait(
-        self, t: Table, index: int, gen: int, record: int, key: str | bytes,
-        detached: Callable[[], bool] | None = None,
+        self, t: Table, index: int, gen: int, record: int, key: str | bytes, token: _Token,
+        deadline: float | None, detached: Callable[[], bool] | None = None,
     ) -> Result[T]:  # fmt: skip
-        """Wait for call (index, gen), registered as ``record``, and take its outcome.
+        """Wait for call (index, gen), registered as ``record`` under ``token``, and take its outcome.
 
         ``detached`` is asked after every slice of waiting: True makes this caller leave (_Detached).
+        Whatever this raises, the caller's _recover drops the record.
         """
         began = time.monotonic()
-        deadline = None if self.timeout is None else began + self.timeout
         off = t.slot_off(index)
         owner = (t.u32(off + S_OWNER_PID), int.from_bytes(t.mm[off + S_OWNER_START : off + 40], "little"))
         interval = self.check_interval
         check_at = began + interval
-        left = False  # whether this waiter already left the call (on timeout)
-        try:
-            while True:
-                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-                t.sems.wait(index, wait)
-                if detached is not None and detached():
-                    raise _Detached
-                state = t.states[index]
-                if state == DONE and t.gen(index) == gen:
+        while True:
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            t.sems.wait(index, wait)
+            if detached is not None and detached():
+                raise _Detached
+            state = t.states[index]
+            if state == DONE and t.gen(index) == gen:
+                break
+            if t.gen(index) != gen or state == FREE:
+                raise AbortError(key, owner[0], "the call was lost (the table was repaired)")
+            if state > DONE:
+                raise MPFlightError(f"mpflight table {self.name!r} is damaged: slot {index} state {state}")
+            now = time.monotonic()
+            if now >= check_at:
+                check_at = now + interval
+                if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
+                    with contextlib.suppress(LockTimeout):
+                        t.locked(self._abort, t, index, gen, "owner died", deadline=deadline)
+                    continue
+                if "table-identity" not in _faults.DISABLED and t.file.replaced():
+                    t.checked = -HOUSEKEEPING_INTERVAL  # the next call moves to the new table
+            if deadline is not None and now >= deadline:
+                try:
+                    done = t.locked(self._give_up, t, index, gen, record, began, deadline=now)
+                except LockTimeout:  # the reaper leaves for us: never wait past the deadline
+                    _reaper.defer(t, functools.partial(t.locked, self._give_up, t, index, gen, record, began))
+                    done = False
+                if done:
                     break
-                if t.gen(index) != gen or state == FREE:
-                    raise AbortError(key, owner[0], "the call was lost (the table was repaired)")
-                if state > DONE:
-                    raise MPFlightError(
-                        f"mpflight table {self.name!r} is damaged: slot {index} state {state}"
-                    )
-                now = time.monotonic()
-                if now >= check_at:
-                    check_at = now + interval
-                    if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
-                        with t:
-                            self._abort(t, index, gen, "owner died")
-                        continue
-                    if "table-identity" not in _faults.DISABLED and t.file.replaced():
-                        t.checked = -HOUSEKEEPING_INTERVAL  # the next call moves to the new table
-                if deadline is not None and now >= deadline:
-                    with t:
-                        if t.states[index] == DONE and t.gen(index) == gen:
-                            break
-                        self._leave(t, index, gen, record, began)
-                        t.bump(C_TIMEOUTS)
-                    left = True
-                    raise TimeoutError(
-                        f"gave up waiting {self.timeout} s for the call of key {short_key(key)}"
-                    )
-        except BaseException:
-            if not left:
-                with t:
-                    if t.rmap[record] == 1:
-                        self._leave(t, index, gen, record, began)
-            raise
-        return self._read(t, index, gen, record, key, owner[0], began)
+                raise TimeoutError(f"gave up waiting {self.timeout} s for the call of key {short_key(key)}")
+        return self._read(t, index, gen, record, key, owner, began, token, deadline)
+
+    def _give_up(self, t: Table, index: int, gen: int, record: int, began: float) -> bool:
+        """Under the lock: a waiter's time ran out; True if the outcome came meanwhile (read it)."""
+        if t.states[index] == DONE and t.gen(index) == gen:
+            return True
+        if t.rmap[record] == 1:
+            self._leave(t, index, gen, record, began)
+            t.bump(C_TIMEOUTS)
+        return False
 
     def _read(
-        self, t: Table, index: int, gen: int, record: int, key: str | bytes, owner: int, began: float
-    ) -> Result[T]:
+        self, t: Table, index: int, gen: int, record: int, key: str | bytes, owner: tuple[int, int],
+        began: float, token: _Token, deadline: float | None,
+    ) -> Result[T]:  # fmt: skip
         """Take the published outcome of call (index, gen), then leave it; the last reader frees the slot."""
         off = t.slot_off(index)
         where = t.mm[off + S_RESULT_WHERE]
         length = t.u32(off + S_RESULT_LEN)
-        local = t.local.get((index, gen)) if owner == os.getpid() else None
+        local = t.local.get((index, gen)) if owner == _owner.identity() else None
         served = True  # a value or fn's exception reached us; not an abort or a failure to read
         try:
             # The owner's very object, once the owner has filled it in; an outcome it never filled
@@ -1104,35 +1383,42 @@ class Group:
                     return Result(local.value, True)  # type: ignore[arg-type]
                 if isinstance(local.error, Exception):
                     raise local.error
-                raise AbortError(key, owner, f"owner left fn with {type(local.error).__name__}")
+                raise AbortError(key, owner[0], f"owner left fn with {type(local.error).__name__}")
             if where == RESULT_INLINE and length <= RESULT_CAP:
                 payload = bytes(t.mm[off + S_RESULT : off + S_RESULT + length])
-                return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner), True)  # type: ignore[arg-type]
+                return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner[0]), True)  # type: ignore[arg-type]
             if where == RESULT_SEGMENT and 0 < length <= MAX_RESULT_BYTES:
                 with map_segment(t.segment(index, gen), length) as seg, memoryview(seg) as view:
-                    value = _codec.unpack(view, self.codec, key=key, owner_pid=owner)
+                    value = _codec.unpack(view, self.codec, key=key, owner_pid=owner[0])
                 return Result(value, True)  # type: ignore[arg-type]
             raise MPFlightError(f"corrupt slot {index} in table {self.name!r}: outcome location {where}")
         except MPFlightError as e:
             served = isinstance(e, RemoteError)
             raise
         finally:
-            with t:
-                if t.rmap[record] == 1:
-                    self._leave(t, index, gen, record, began, served=served)
+            try:
+                t.locked(self._leave, t, index, gen, record, began, served, deadline=deadline)
+            except LockTimeout:  # the outcome is ours already: leave in the background
+                _reaper.defer(
+                    t, functools.partial(t.locked, self._leave, t, index, gen, record, began, served)
+                )
 
+    @staticmethod
     def _leave(
-        self, t: Table, index: int, gen: int, record: int, began: float | None, served: bool = False
+        t: Table, index: int, gen: int, record: int, began: float | None, served: bool = False
     ) -> None:
         """Under the lock: drop a waiter's record; the last reader of a DONE call frees its slot.
 
-        ``began`` is when this thread began to wait; None when reclaiming a dead waiter's record.
+        ``began`` is when this thread began to wait; None when reclaiming a record that nobody left.
         """
+        t.readers.pop(record, None)
+        if t.rmap[record] != 1:
+            return  # left already (reclaimed, or by a repair)
         t.rmap[record] = 0
         if _faults.FAULT:
             _faults.reached("leave")
         if began is not None:
-            self._set_blocked(t, 0, 0)
+            Group._set_blocked(t, 0, 0)
             t.bump(C_WAIT_NS, int((time.monotonic() - began) * 1e9))
         if served:
             t.bump(C_SHARED)
@@ -1143,22 +1429,21 @@ class Group:
         off = t.slot_off(index)
         waiters = t.u32(off + S_WAITERS) - 1
         t.set_u32(off + S_WAITERS, max(waiters, 0))
-        local = t.local.get((index, gen))
-        if local is not None:
-            local.waiting -= 1
         if waiters <= 0 and t.states[index] == DONE:
             segment = t.free(index, gen)
             if segment is not None:
                 unlink_segment(segment)
 
-    def _abort(self, t: Table, index: int, gen: int, reason: str) -> None:
+    @staticmethod
+    def _abort(t: Table, index: int, gen: int, reason: str) -> None:
         """Under the lock: end call (index, gen), whose owner is gone, with an abort for its waiters."""
         if t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
             return
+        t.owners.pop((index, gen), None)
         off = t.slot_off(index)
         pid = t.u32(off + S_OWNER_PID)
-        log.warning("mpflight table %r: owner %d of key %s died; aborting its call", self.name, pid,
-                    short_key(self._slot_key(t, index)[0]))  # fmt: skip
+        log.warning("mpflight table %r: call of key %s (owner %d) aborted: %s", t.group,
+                    short_key(_slot_key(t.mm[off : off + SLOT_SIZE])[0]), pid, reason)  # fmt: skip
         t.unjoin(index)
         _faults.reached("abort")
         payload = _codec.pack_abort(reason)
@@ -1193,22 +1478,27 @@ class Group:
         """Let the next ``do`` for ``key`` start a new call; callers already waiting keep the current one."""
         t = self._table()
         kind, raw, ident = _key_identity(key)
-        home = zlib.crc32(ident, kind) % t.slots
-        with t:
-            if t.homes[home]:
-                index = self._find(t, kind, ident, len(raw), home)
-                if index >= 0:
-                    t.unjoin(index)
+        t.locked(self._forget, t, kind, raw, ident, zlib.crc32(ident, kind) % t.slots)
+
+    def _forget(self, t: Table, kind: int, raw: bytes, ident: bytes, home: int) -> None:
+        if t.homes[home]:
+            index = self._find(t, kind, ident, len(raw), home)
+            if index >= 0:
+                t.unjoin(index)
 
     def stats(self) -> dict[str, int]:
         """Counters of this table, kept in shared memory and so summed over every process.
 
-        calls = runs + joins + fallbacks; shared counts the waiters that received an outcome;
-        wait_ns is the total time waiters spent waiting.
+        Every call is counted once, when it starts: as a run (it claimed a slot: fn runs, or ran, in
+        it), a join (it waits for another's run) or a fallback (no slot or record was free: fn ran
+        without coalescing); so calls = runs + joins + fallbacks. Of the runs, errors ended with fn
+        raising an Exception and aborts ended without an outcome (the owner died, fn left by
+        KeyboardInterrupt or SystemExit, or an exception interrupted the call). Of the joins, shared
+        counts the waiters that received an outcome and timeouts those that gave up; wait_ns is the
+        total time waiters spent waiting.
         """
         t = self._table()
-        with t.peek():
-            c = dict(zip(COUNTER_NAMES, t.counters.tolist(), strict=True))
+        c = dict(zip(COUNTER_NAMES, t.peek(t.counters.tolist), strict=True))
         c["calls"] = c["runs"] + c["joins"] + c["fallbacks"]
         return c
 
@@ -1217,21 +1507,14 @@ class Group:
         return _slot_key(t.mm[off : off + SLOT_SIZE])
 
     def inflight(self) -> list[InflightCall]:
-        """The calls in flight now, oldest first: a snapshot, copied under the lock, read outside it."""
+        """The calls in flight now, oldest first: a snapshot, copied under the lock, read outside it.
+
+        What no live process takes part in any more is reclaimed first (as the reaper would), so only
+        calls with a live owner or waiter are listed.
+        """
         t = self._table()
-        with t.peek():
-            states = bytes(t.states)
-            copies = [
-                (i, states[i], bytes(t.mm[t.slot_off(i) : t.slot_off(i) + SLOT_SIZE]))
-                for i in range(t.slots)
-                if RUNNING <= states[i] <= DONE
-            ]
-            in_use = bytes(t.rmap)
-            records = []
-            r = in_use.find(1)
-            while r >= 0:
-                records.append(RECORD.unpack_from(t.mm, t.geo.record(r)))
-                r = in_use.find(1, r + 1)
+        Group._reclaim(t, idle_only=True)
+        copies, records = t.peek(self._snapshot, t)
         by_call: dict[tuple[int, int], list[int]] = {}
         for pid, slot, _, _, gen, _ in records:
             by_call.setdefault((slot, gen), []).append(pid)
@@ -1249,7 +1532,7 @@ class Group:
                     started=started,
                     waiters=waiters,
                     state=names[state],
-                    owner_alive=pid == os.getpid() or _owner.is_alive(pid, start),
+                    owner_alive=(pid, start) == _owner.identity() or _owner.is_alive(pid, start),
                     result_bytes=length
                     if where in (RESULT_INLINE, RESULT_SEGMENT) and state == DONE
                     else None,
@@ -1260,21 +1543,40 @@ class Group:
         calls.sort(key=lambda c: c.started)
         return calls
 
+    @staticmethod
+    def _snapshot(t: Table) -> tuple[list[tuple[int, int, bytes]], list[tuple[Any, ...]]]:
+        """Under the lock: copies of the busy slots and the waiter records."""
+        states = bytes(t.states)
+        copies = [
+            (i, states[i], bytes(t.mm[t.slot_off(i) : t.slot_off(i) + SLOT_SIZE]))
+            for i in range(t.slots)
+            if RUNNING <= states[i] <= DONE
+        ]
+        in_use = bytes(t.rmap)
+        records = []
+        r = in_use.find(1)
+        while r >= 0:
+            records.append(RECORD.unpack_from(t.mm, t.geo.record(r)))
+            r = in_use.find(1, r + 1)
+        return copies, records
+
     def gc(self) -> dict[str, int]:
-        """Reclaim what dead processes left: their calls, their waiter records, orphaned segments."""
-        t = self._table()
-        reclaimed = {"calls": 0, "waiters": 0, "segments": 0}
-        with t:
-            t.reconcile()  # counts that disagree with the records (damage) are set right first
-            owners = [
-                (i, t.gen(i), t.u32(t.slot_off(i) + S_OWNER_PID),
-                 int.from_bytes(t.mm[t.slot_off(i) + S_OWNER_START : t.slot_off(i) + 40], "little"))
-                for i in range(t.slots) if t.states[i] in (RUNNING, COMPLETING)
-            ]  # fmt: skip
-            waiters = [
-                (r, RECORD.unpack_from(t.mm, t.geo.record(r))) for r in range(t.records) if t.rmap[r] == 1
-            ]
-        alive: dict[tuple[int, int], bool] = {}
+        """Reclaim what dead processes left: their calls, their waiter records, orphaned segments; and
+        what callers of this process left when an exception took them out of a call early.
+
+        Each process's reaper thread does this for calls that no live process takes part in, within
+        about two of its intervals; gc does it now, and also aborts a dead owner's call that live
+        waiters still wait on (they would notice within their check interval).
+        """
+        return Group._reclaim(self._table())
+
+    @staticmethod
+    def _reclaim(t: Table, *, idle_only: bool = False) -> dict[str, int]:
+        """gc's work, for any table of this process. ``idle_only`` leaves alone a dead owner's call
+        that a live waiter still waits on: that waiter reports the abort itself."""
+        owners, waiters = t.locked(Group._survey, t)
+        me = _owner.identity()
+        alive: dict[tuple[int, int], bool] = {me: True}
 
         def live(pid: int, start: int) -> bool:
             if (pid, start) not in alive:
@@ -1283,30 +1585,57 @@ class Group:
 
         dead_calls = [(i, gen) for i, gen, pid, start in owners if not live(pid, start)]
         dead_waiters = [(r, rec) for r, rec in waiters if not live(rec[0], rec[2])]
+        if idle_only:
+            watched = {(rec[1], rec[4]) for _, rec in waiters if live(rec[0], rec[2])}
+            dead_calls = [call for call in dead_calls if call not in watched]
         if "dead-waiters" in _faults.DISABLED:
             dead_waiters = []
-        with t:
-            for i, gen in dead_calls:
-                if t.gen(i) == gen and t.states[i] in (RUNNING, COMPLETING):
-                    self._abort(t, i, gen, "owner died")
-                    reclaimed["calls"] += 1
-            for r, rec in dead_waiters:
-                if t.rmap[r] == 1 and RECORD.unpack_from(t.mm, t.geo.record(r)) == rec:
-                    self._leave(t, rec[1], rec[4], r, None)
-                    reclaimed["waiters"] += 1
-            # Under the lock: an owner must take it to become COMPLETING before it makes a segment,
-            # so a segment that no COMPLETING or DONE call names now is an orphan.
-            expected = {
-                t.segment(i, t.gen(i)).lstrip("/")
-                for i in range(t.slots)
-                if t.states[i] in (COMPLETING, DONE)
-            }
-            reclaimed["segments"] = self._unlink_orphan_segments(t, expected)
+        reclaimed = t.locked(Group._reclaimed, t, dead_calls, dead_waiters)
         if any(reclaimed.values()):
-            log.warning("mpflight table %r: reclaimed %s", self.name, reclaimed)
+            log.warning("mpflight table %r: reclaimed %s", t.group, reclaimed)
         return reclaimed
 
-    def _unlink_orphan_segments(self, t: Table, expected: set[str]) -> int:
+    @staticmethod
+    def _survey(t: Table) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, tuple[Any, ...]]]]:
+        """Under the lock: (slot, generation, owner pid, owner start) of every call that has not
+        published yet, and (record, fields) of every waiter record."""
+        t.reconcile()  # counts that disagree with the records (damage) are set right first
+        owners = [
+            (i, t.gen(i), t.u32s[i * U32S + S_OWNER_PID // 4], t.u64s[i * U64S + S_OWNER_START // 8])
+            for i in range(t.slots)
+            if t.states[i] in (RUNNING, COMPLETING)
+        ]
+        waiters = [(r, RECORD.unpack_from(t.mm, t.geo.record(r))) for r in range(t.records) if t.rmap[r] == 1]
+        return owners, waiters
+
+    @staticmethod
+    def _reclaimed(
+        t: Table, dead_calls: list[tuple[int, int]], dead_waiters: list[tuple[int, tuple[Any, ...]]]
+    ) -> dict[str, int]:
+        """Under the lock: end what _reclaim found dead, if it is still there, and what this process's
+        callers left behind; then unlink the orphaned segments."""
+        reclaimed = {"calls": 0, "waiters": 0, "segments": 0}
+        for i, gen in dead_calls:
+            if t.gen(i) == gen and t.states[i] in (RUNNING, COMPLETING):
+                Group._abort(t, i, gen, "owner died")
+                reclaimed["calls"] += 1
+        for r, rec in dead_waiters:
+            if t.rmap[r] == 1 and RECORD.unpack_from(t.mm, t.geo.record(r)) == rec:
+                Group._leave(t, rec[1], rec[4], r, None)
+                reclaimed["waiters"] += 1
+        calls, records = Group._end_orphans(t, None)
+        reclaimed["calls"] += calls
+        reclaimed["waiters"] += records
+        # Under the lock: an owner must take it to become COMPLETING before it makes a segment,
+        # so a segment that no COMPLETING or DONE call names now is an orphan.
+        expected = {
+            t.segment(i, t.gen(i)).lstrip("/") for i in range(t.slots) if t.states[i] in (COMPLETING, DONE)
+        }
+        reclaimed["segments"] = Group._unlink_orphan_segments(t, expected)
+        return reclaimed
+
+    @staticmethod
+    def _unlink_orphan_segments(t: Table, expected: set[str]) -> int:
         """Unlink this table's segments (by its nonce) that no call names; another table's are left."""
         stem = t.segment(0, 0).lstrip("/").rsplit(".", 2)[0] + "."
         try:
@@ -1320,7 +1649,8 @@ class Group:
         return n
 
     def _housekeeping(self, t: Table) -> Table:
-        """At most once per HOUSEKEEPING_INTERVAL: follow the name to a new table; reclaim stuck calls."""
+        """At most once per HOUSEKEEPING_INTERVAL: follow the name to a new table (stuck calls are
+        the reaper's)."""
         t.checked = time.monotonic()
         if "table-identity" not in _faults.DISABLED and t.file.replaced():
             log.warning("mpflight table %r was removed or replaced under this process; moving to the new one",
@@ -1334,23 +1664,9 @@ class Group:
                     self._t, t.refs = new, t.refs - 1
                 else:  # another thread of this handle moved it first
                     new.refs -= 1
-            if t.refs == 0 and not t.active:
-                _close_unused(t)
+            _close_unused(t)
             return self._t if self._t is not None else new
-        states = bytes(t.states)
-        busy = {(i, t.gen(i), state) for i, state in enumerate(states) if state}
-        stuck = busy & t.seen_busy
-        t.seen_busy = busy
-        # A call seen twice is usually just a slow fn; gc only when its owner is gone, or readers of a
-        # published outcome have stayed for a whole interval (they may have died).
-        if any(state == DONE or not self._owner_alive(t, i) for i, _, state in stuck):
-            self.gc()
         return t
-
-    def _owner_alive(self, t: Table, index: int) -> bool:
-        base = index * U32S
-        pid = t.u32s[base + S_OWNER_PID // 4]
-        return pid == os.getpid() or _owner.is_alive(pid, t.u64s[index * U64S + S_OWNER_START // 8])
 
 
 def _positive(what: str, value: float) -> float:

@@ -22,6 +22,7 @@ import re
 import stat
 import sys
 import threading
+import time
 from typing import Final
 
 import posix_ipc
@@ -170,28 +171,149 @@ class TableFile:
         os.close(self.fd)
 
 
-class TableLock:
-    """The table lock: a threading.Lock for this process's threads, then flock for the processes."""
+class LockTimeout(TimeoutError):
+    """The table lock could not be taken before the caller's deadline."""
 
-    __slots__ = ("_fd", "thread_lock")
+
+def lock_holder(fd: int) -> int | None:
+    """The pid that /proc/locks says holds an flock on the file of ``fd``, if it can be known."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and "->" not in line:
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class Hold:
+    """One thread's own open file description of the table, on which it takes the table lock.
+
+    Each thread locks through a description of its own, so that flock itself keeps the threads of a
+    process apart as it keeps processes apart: no thread lock that an asynchronous exception could leave
+    held. ``fd`` is what the thread's locked region unlocks in its ``finally``; a helper that took the
+    lock for a timed wait points it at the helper's description (``TableLock.acquire``).
+    """
+
+    __slots__ = ("__weakref__", "fd", "own")
+
+    def __init__(self, fd: int) -> None:
+        self.own = fd
+        self.fd = fd
+
+    def __del__(self) -> None:  # the thread ended (or forked away): its descriptions go with it
+        for fd in {self.fd, self.own}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Request:
+    """A timed wait for the lock, blocked in a helper thread on a description of its own."""
+
+    __slots__ = ("abandoned", "fd", "granted", "mutex")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.mutex = threading.Lock()
+        self.granted = threading.Event()
+        self.abandoned = False
+
+
+class TableLock:
+    """The table lock: flock, taken by each thread on its own open file description of the table.
+
+    A locked region is written, everywhere, as::
+
+        hold = lock.hold()
+        try:
+            lock.acquire(hold, deadline)
+            ...
+        finally:
+            flock(hold.fd, LOCK_UN)
+
+    CPython delivers an asynchronous exception (a signal handler's, PyThreadState_SetAsyncExc's) only
+    after a call returns, at a function's entry or on a backward jump: never between the last load and
+    the call of ``flock(hold.fd, LOCK_UN)``. So whatever is raised wherever, the region unlocks, and
+    unlocking a description that holds nothing is harmless.
+    """
+
+    __slots__ = ("_fd", "_local", "waits")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self.thread_lock = threading.Lock()
+        self._local = threading.local()
+        # Threads blocked without a deadline, and since when (monotonic): the reaper logs long waits.
+        self.waits: dict[int, float] = {}
 
-    def acquire(self) -> None:
-        self.thread_lock.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self.thread_lock.release()
-            raise
+    def _open(self) -> int:
+        return os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
 
-    def release(self) -> None:
+    def hold(self) -> Hold:
+        """This thread's Hold, made on its first use of the lock."""
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            hold: Hold = self._local.hold
+        except AttributeError:
+            hold = self._local.hold = Hold(self._open())
+        return hold
+
+    def acquire(self, hold: Hold, deadline: float | None = None) -> None:
+        """Take the lock on ``hold`` (inside the try whose finally unlocks it); by ``deadline``, if given.
+
+        Raises LockTimeout when the deadline passes first. Without one, a wait blocks in flock itself.
+        """
+        if hold.fd != hold.own:  # a helper's description from an earlier timed wait, now unlocked
+            extra, hold.fd = hold.fd, hold.own
+            os.close(extra)
+        try:
+            fcntl.flock(hold.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if deadline is None:
+            ident = threading.get_ident()
+            self.waits[ident] = time.monotonic()
+            try:
+                fcntl.flock(hold.fd, fcntl.LOCK_EX)
+            finally:
+                self.waits.pop(ident, None)
+            return
+        self._timed(hold, deadline)
+
+    def _timed(self, hold: Hold, deadline: float) -> None:
+        """Wait for the lock until ``deadline`` while a helper thread blocks in flock for us: a holder
+        that is stopped (SIGSTOP) or slow cannot keep a caller past its deadline."""
+        if deadline <= time.monotonic():
+            raise LockTimeout("gave up waiting for the table lock")
+        request = _Request(self._open())
+        threading.Thread(target=_take_for, args=(request, hold), daemon=True, name="mpflight-lock").start()
+        try:
+            if request.granted.wait(max(deadline - time.monotonic(), 0.0)):
+                return
         finally:
-            self.thread_lock.release()
+            with request.mutex:
+                if hold.fd != request.fd:
+                    request.abandoned = True  # the helper unlocks and closes when it gets the lock
+        raise LockTimeout("gave up waiting for the table lock")
+
+
+def _take_for(request: _Request, hold: Hold) -> None:
+    """In a helper thread: block in flock, then hand the lock to the waiting caller, or give it back."""
+    try:
+        fcntl.flock(request.fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(request.fd)
+        return
+    with request.mutex:
+        if not request.abandoned:
+            hold.fd = request.fd  # the caller's region unlocks this description now
+            request.granted.set()
+            return
+    fcntl.flock(request.fd, fcntl.LOCK_UN)
+    os.close(request.fd)
 
 
 class Semaphores:

@@ -8,14 +8,14 @@ itself (claim, join, publish) lives in _group; this module owns the bytes and th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import mmap
 import secrets
 import time
-from collections.abc import Iterator
-from fcntl import LOCK_EX, LOCK_UN, flock
-from typing import Any, Final
+import weakref
+from collections.abc import Callable
+from fcntl import LOCK_UN, flock
+from typing import Any, Final, TypeVar
 
 from . import _faults, _owner
 from ._errors import MPFlightError
@@ -57,6 +57,19 @@ from ._layout import (
 from ._locks import Semaphores, TableFile, segment_name, unlink_segment
 
 log = logging.getLogger("mpflight")
+
+R = TypeVar("R")
+
+
+def _held_by(fd: int) -> bool:
+    """Whether the description ``fd`` holds its flock: taking it again on the same description succeeds
+    at once either way, so ask /proc/self/fdinfo, which lists the locks a descriptor holds."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            return any(line.startswith("lock:") and "FLOCK" in line for line in info)
+    except OSError:
+        return False
+
 
 FREE: Final = SlotState.FREE.value
 RUNNING: Final = SlotState.RUNNING.value
@@ -106,11 +119,17 @@ class Table:
         # (and u64s[i * U64S + o // 8]); indexing a memoryview is the cheapest read of shared memory.
         self.u32s = self.view[g.slot_base : g.record_base].cast("I")
         self.u64s = self.view[g.slot_base : g.record_base].cast("Q")
-        self._bind_lock()
+        self.lock = self.file.lock
         self.sems = Semaphores(group, mode)
         self.local: dict[tuple[int, int], LocalCall] = {}
+        # Who in this process is responsible for each claim (slot, generation) and each waiter record
+        # it made: weak references to the callers' tokens, written under the lock with the claim or
+        # record. A claim or record whose token is gone was left by an exception; the reaper ends it.
+        self.owners: dict[tuple[int, int], weakref.ref[Any]] = {}
+        self.readers: dict[int, weakref.ref[Any]] = {}
         self.refs = 0  # Group handles of this process (changed under _group's registry lock)
-        self.active: list[None] = []  # one entry per thread inside a call (append and pop are atomic)
+        self.active: set[object] = set()  # a marker per caller inside the table (add and discard are atomic)
+        self.warned_waits: set[tuple[int, float]] = set()  # long lock waits already logged
         self.tasks: set[asyncio.Task[Any]] = set()  # asyncio owners' tasks, kept alive until they end
         self.checked = time.monotonic()
         self.warned_full = -float("inf")  # when this process last warned that the table is full
@@ -129,8 +148,9 @@ class Table:
         so the next one starts over. Nobody maps a table before it is ready.
         """
         f = self.file
-        f.lock.acquire()
+        hold = f.lock.hold()
         try:
+            f.lock.acquire(hold)
             size = f.size()
             if size >= HEADER_SIZE:
                 with mmap.mmap(f.fd, HEADER_SIZE) as head:
@@ -144,7 +164,7 @@ class Table:
                     slots = written
             return self._initialize(slots or DEFAULT_SLOTS)
         finally:
-            f.lock.release()
+            flock(hold.fd, LOCK_UN)
 
     def _initialize(self, slots: int) -> Geometry:
         g = Geometry.for_slots(slots)
@@ -196,54 +216,63 @@ class Table:
 
     # -- the lock ------------------------------------------------------------------------------
 
-    def _bind_lock(self) -> None:
-        """Keep the lock's parts at hand: taking it is on every call's path."""
-        self.thread_lock = self.file.lock.thread_lock
-        self.fd = self.file.fd
+    def locked(self, body: Callable[..., R], *args: object, deadline: float | None = None) -> R:
+        """Run ``body(*args)`` holding the table lock, after repairing what a dead holder left.
+
+        The only way the library takes the lock (the uncontended path of do() inlines the same steps).
+        The dirty byte is set while the body writes: a body that does not return, because its process
+        died or an exception was raised inside it, leaves it set, and the next holder repairs.
+        Raises LockTimeout when ``deadline`` (monotonic) passes before the lock is free.
+        """
+        hold = self.lock.hold()
+        try:
+            self.lock.acquire(hold, deadline)
+            if _faults.FAULT:
+                _faults.reached("locked")
+            mm = self.mm
+            if mm[H_DIRTY]:
+                if "repair" in _faults.DISABLED:
+                    return body(*args)  # work on the damage as it is; the byte stays set for others
+                self.repair()
+            mm[H_DIRTY] = 1
+            result = body(*args)
+            if self.damaged:
+                self.damaged = False  # the byte stays set: the next holder repairs what we found
+            elif "repair" not in _faults.DISABLED:
+                mm[H_DIRTY] = 0
+            return result
+        finally:
+            flock(hold.fd, LOCK_UN)
+
+    def peek(self, body: Callable[..., R], *args: object) -> R:
+        """Run ``body(*args)`` holding the lock, to copy a consistent snapshot: no repair, no write."""
+        hold = self.lock.hold()
+        try:
+            self.lock.acquire(hold)
+            return body(*args)
+        finally:
+            flock(hold.fd, LOCK_UN)
+
+    def holding(self) -> bool:
+        """Whether this thread holds the lock now (for tests)."""
+        return _held_by(self.lock.hold().fd)
 
     def __enter__(self) -> Table:
-        self.thread_lock.acquire()
-        try:
-            flock(self.fd, LOCK_EX)
-        except BaseException:
-            self.thread_lock.release()
-            raise
-        if _faults.FAULT:
-            _faults.reached("locked")
-        mm = self.mm
-        if mm[H_DIRTY]:
-            if "repair" in _faults.DISABLED:
-                return self  # work on the damage as it is; __exit__ leaves the byte set for others
-            try:
-                self.repair()
-            except BaseException:
-                self._unlock()
-                raise
-        mm[H_DIRTY] = 1
+        """``with table:`` holds the lock as ``locked`` does, for tests and tools only: a Python-level
+        ``__exit__`` can be skipped by an asynchronous exception, so the library never uses it."""
+        hold = self.lock.hold()
+        self.lock.acquire(hold)
+        if self.mm[H_DIRTY] and "repair" not in _faults.DISABLED:
+            self.repair()
+        self.mm[H_DIRTY] = 1
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self.damaged:
-            self.damaged = False  # the byte stays set: the next holder repairs what we found
+            self.damaged = False
         elif exc_type is None and "repair" not in _faults.DISABLED:
             self.mm[H_DIRTY] = 0
-        # else: we left halfway; the byte stays set and the next holder repairs (maybe us).
-        self._unlock()
-
-    def _unlock(self) -> None:
-        try:
-            flock(self.fd, LOCK_UN)
-        finally:
-            self.thread_lock.release()
-
-    @contextlib.contextmanager
-    def peek(self) -> Iterator[None]:
-        """Hold the lock only to copy a consistent snapshot: no repair, no write (for inspection)."""
-        self.file.lock.acquire()
-        try:
-            yield
-        finally:
-            self.file.lock.release()
+        flock(self.lock.hold().fd, LOCK_UN)
 
     # -- slot fields -----------------------------------------------------------------------------
 
@@ -368,13 +397,20 @@ class Table:
 
     def after_fork_in_child(self) -> None:
         self.file.after_fork_in_child()
-        self._bind_lock()
+        self.lock = self.file.lock
         self.local.clear()
+        self.owners.clear()  # the parent's callers are not ours
+        self.readers.clear()
+        self.active.clear()
+        self.checked = -float("inf")  # the first call goes the general way, which starts a reaper
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            self.unmap()
+
+    def unmap(self) -> None:
+        """Release every view, the mapping and the descriptor (``closed`` is already set)."""
         self.sems.close()
         for v in (self.states, self.rmap, self.homes, self.counters, self.u32s, self.u64s, self.view):
             v.release()
