@@ -83,11 +83,11 @@ from ._layout import (
 from ._locks import (
     SEP,
     SegmentFull,
-    map_segment,
+    check_mode,
+    shm_entries,
     table_headers,
     unlink_all,
     unlink_segment,
-    write_segment,
 )
 from ._table import COMPLETING, DONE, FREE, MAX_KEY_BYTES, RUNNING, LocalCall, Table
 
@@ -190,7 +190,7 @@ def _key_identity(key: object) -> tuple[int, bytes, bytes]:
     return kind, raw, raw
 
 
-def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
+def _attach(name: str, slots: int | None, mode: int | None, create: bool) -> Table:
     with _tables_lock:
         t = _tables.get(name)
         if t is None or t.closed:
@@ -198,6 +198,11 @@ def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
             _tables[name] = t
         elif slots is not None and slots != t.slots:
             raise MPFlightError(f"mpflight table {name!r} exists with {t.slots} slots, not {slots}")
+        elif mode is not None and mode != t.file.mode:
+            raise MPFlightError(
+                f"mpflight table {name!r} ({t.file.path}) has mode {t.file.mode:#o}, not {mode:#o}: "
+                "omit mode= to adopt the table's, or unlink it to make it anew with another"
+            )
         t.refs += 1
         return t
 
@@ -352,7 +357,7 @@ class Group:
         *,
         slots: int | None = None,
         timeout: float | None = None,
-        mode: int = 0o600,
+        mode: int | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         codec: _codec.Codec | None = None,
         check_interval: float = DEFAULT_CHECK_INTERVAL,
@@ -363,18 +368,23 @@ class Group:
             raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, not {slots!r}")
         self.timeout = None if timeout is None else _positive("timeout", timeout)
         self.check_interval = _positive("check_interval", check_interval)
-        if type(mode) is not int or not 0 <= mode <= 0o777:
-            raise ValueError(f"mode must be permission bits from 0 to 0o777, not {mode!r}")
+        if mode is not None:
+            if type(mode) is not int or not 0 <= mode <= 0o777:
+                raise ValueError(f"mode must be permission bits from 0 to 0o777, not {mode!r}")
+            bad = check_mode(mode)
+            if bad is not None:
+                raise ValueError(bad)
         if type(max_result_bytes) is not int or not 1 <= max_result_bytes <= MAX_RESULT_BYTES:
             raise ValueError(f"max_result_bytes must be an int from 1 to {MAX_RESULT_BYTES}")
         if codec is not None and not isinstance(codec, _codec.Codec):
             raise TypeError(f"codec must be an mpflight.Codec, not {type(codec).__name__}")
-        self.mode = mode
+        self._mode = mode  # as asked: None adopts the table's (and makes a new one 0o600)
         self.max_result_bytes = max_result_bytes
         self.codec = codec
         self._create = create
         self._executor: ThreadPoolExecutor | None = None
         self._t: Table | None = _attach(self.name, slots, mode, create)
+        self.mode: int = self._t.mode  # the table's: what every process makes its objects with
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -735,13 +745,13 @@ class Group:
         kind, raw, ident = _key_identity(key)
         home = zlib.crc32(ident, kind) % t.slots
         pid, start = _owner.identity()
-        refused: DeadlockError | None = None
+        refused: MPFlightError | None = None
         with t:
             index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
             if index >= 0:
                 try:
                     gen, record = self._try_join(t, index, key, pid, start, tid, blocking)  # type: ignore[arg-type]
-                except DeadlockError as e:  # nothing was written: leave the lock clean, then raise
+                except MPFlightError as e:  # nothing was written: leave the lock clean, then raise
                     refused, gen, record = e, _REFUSED, -1
                 if gen >= 0:
                     return _JOIN, index, gen, record
@@ -832,7 +842,8 @@ class Group:
 
         Returns (the call's generation, our record); the generation is _OWNER_GONE when its owner is
         gone (the call is aborted: claim anew), _NO_RECORD when every waiter record is taken (run fn
-        alone). Raises DeadlockError, having written nothing, when the wait would never end.
+        alone). Raises DeadlockError, having written nothing, when the wait would never end, and
+        MPFlightError, having written nothing, when the slot's semaphore cannot be made (a full /dev/shm).
         """
         off = t.slot_off(index)
         gen = t.gen(index)
@@ -855,6 +866,7 @@ class Group:
         if r < 0:
             return _NO_RECORD, -1
         r -= t.geo.record_map
+        t.sems.ensure(index)  # the slot's semaphore, made by its first waiter; raises having written nothing
         RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
         t.rmap[r] = 1
         _faults.reached("join")
@@ -970,7 +982,7 @@ class Group:
             if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
                 # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
                 if where == RESULT_SEGMENT:
-                    unlink_segment(t.segment(index, gen))
+                    unlink_segment(t.segment(index))
                 return
             t.mm[off + S_RESULT_WHERE] = where
             t.set_u32(off + S_RESULT_LEN, length)
@@ -1017,12 +1029,12 @@ class Group:
                 self._write_inline(t, index, payload[: len(payload) // 2])
                 _faults.reached("result")
             return self._write_inline(t, index, payload)
-        name = t.segment(index, gen)
         try:
             if _faults.FAULT == "result":
-                write_segment(name, payload[: len(payload) // 2], self.mode)
+                t.write_segment(index, payload[: len(payload) // 2])
                 _faults.reached("result")
-            write_segment(name, payload, self.mode)
+                unlink_segment(t.segment(index))
+            t.write_segment(index, payload)  # a random name, in the slot before DONE; the table's mode
         except SegmentFull as e:
             log.warning("mpflight table %r: %s", self.name, e)
             return self._write_inline(t, index, _codec.pack_not_carried(str(e)))
@@ -1109,7 +1121,7 @@ class Group:
                 payload = bytes(t.mm[off + S_RESULT : off + S_RESULT + length])
                 return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner), True)  # type: ignore[arg-type]
             if where == RESULT_SEGMENT and length <= MAX_RESULT_BYTES:
-                with map_segment(t.segment(index, gen), length) as seg, memoryview(seg) as view:
+                with t.map_segment(index, length) as seg, memoryview(seg) as view:
                     value = _codec.unpack(view, self.codec, key=key, owner_pid=owner)
                 return Result(value, True)  # type: ignore[arg-type]
             raise MPFlightError(f"corrupt slot {index} in table {self.name!r}: outcome location {where}")
@@ -1153,7 +1165,8 @@ class Group:
 
     def _abort(self, t: Table, index: int, gen: int, reason: str) -> None:
         """Under the lock: end call (index, gen), whose owner is gone, with an abort for its waiters."""
-        if t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
+        state = t.states[index]
+        if t.gen(index) != gen or state not in (RUNNING, COMPLETING):
             return
         off = t.slot_off(index)
         pid = t.u32(off + S_OWNER_PID)
@@ -1167,7 +1180,8 @@ class Group:
         t.set_u32(off + S_RESULT_LEN, len(payload))
         t.states[index] = DONE
         t.bump(C_ABORTS)
-        unlink_segment(t.segment(index, gen))  # an owner may die while writing one
+        if state == COMPLETING:  # an owner may die while writing one; it named it in the slot first
+            unlink_segment(t.segment(index))
         waiters = t.waiters_of(index)
         if waiters == 0:
             t.free(index, gen)
@@ -1294,25 +1308,19 @@ class Group:
                 if t.rmap[r] == 1 and RECORD.unpack_from(t.mm, t.geo.record(r)) == rec:
                     self._leave(t, rec[1], rec[4], r, None)
                     reclaimed["waiters"] += 1
-            # Under the lock: an owner must take it to become COMPLETING before it makes a segment,
-            # so a segment that no COMPLETING or DONE call names now is an orphan.
-            expected = {
-                t.segment(i, t.gen(i)).lstrip("/")
-                for i in range(t.slots)
-                if t.states[i] in (COMPLETING, DONE)
-            }
-            reclaimed["segments"] = self._unlink_orphan_segments(t, expected)
+            # Under the lock: an owner must take it to become COMPLETING before it makes a segment, and
+            # names the segment in its slot before making it. So, listing first and reading the names
+            # after, a listed segment that no COMPLETING or DONE slot names now is an orphan.
+            entries = shm_entries()
+            expected = {t.segment(i).lstrip("/") for i in range(t.slots) if t.states[i] in (COMPLETING, DONE)}
+            reclaimed["segments"] = self._unlink_orphan_segments(t, entries, expected)
         if any(reclaimed.values()):
             log.warning("mpflight table %r: reclaimed %s", self.name, reclaimed)
         return reclaimed
 
-    def _unlink_orphan_segments(self, t: Table, expected: set[str]) -> int:
+    def _unlink_orphan_segments(self, t: Table, entries: list[str], expected: set[str]) -> int:
         """Unlink this table's segments (by its nonce) that no call names; another table's are left."""
-        stem = t.segment(0, 0).lstrip("/").rsplit(".", 2)[0] + "."
-        try:
-            entries = os.listdir("/dev/shm")
-        except OSError:
-            return 0
+        stem = t.segment(0).lstrip("/").rsplit(".", 2)[0] + "."
         n = 0
         for entry in entries:
             if entry.startswith(stem) and entry not in expected:
@@ -1328,10 +1336,10 @@ class Group:
             with _tables_lock:
                 if _tables.get(self.name) is t:
                     del _tables[self.name]  # the name leads elsewhere now
-            new = _attach(self.name, None, self.mode, self._create)
+            new = _attach(self.name, None, self._mode, self._create)
             with _tables_lock:
                 if self._t is t:
-                    self._t, t.refs = new, t.refs - 1
+                    self._t, t.refs, self.mode = new, t.refs - 1, new.mode
                 else:  # another thread of this handle moved it first
                     new.refs -= 1
             if t.refs == 0 and not t.active:
