@@ -1,8 +1,9 @@
 """The ``mpflight`` command (also ``python -m mpflight``): see what is in flight, and clean up.
 
-Exit codes: 0 done (a table with nothing in flight is fine), 1 no such table, 2 usage or other error.
-Reading a table never writes to it and holds its lock only while copying a snapshot; ``gc`` and
-``unlink`` are the only commands that change anything.
+Exit codes: 0 done (a table with nothing in flight is fine), 1 no such table (or one not initialised),
+2 usage or other error. Reading a table never writes to it and holds its lock only while copying a
+snapshot; ``gc`` and ``unlink`` are the only commands that change anything. Every command opens with
+``create=False``, which never creates a table nor initialises one that its creator has not finished.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TextIO
 
 from ._errors import MPFlightError
 from ._group import Group, InflightCall, tables, unlink
-from ._locks import NoSuchTable
+from ._locks import NoSuchTable, NotInitialised
 
 EXIT_OK, EXIT_NO_TABLE, EXIT_ERROR = 0, 1, 2
 
@@ -112,6 +113,9 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         try:
             with _open(name) as group:
                 stats, calls, slots = group.stats(), group.inflight(), group.slots
+        except NotInitialised:
+            rows.append([name, style.dim("not initialised"), "", "", "", "", "", ""])
+            continue
         except MPFlightError as e:
             rows.append([name, style.dim(f"({e})"), "", "", "", "", "", ""])
             continue
@@ -351,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         return COMMANDS[args.command](args, sys.stdout)
-    except NoSuchTable as e:
+    except (NoSuchTable, NotInitialised) as e:
         print(f"mpflight: {e}", file=sys.stderr)
         return EXIT_NO_TABLE
     except (MPFlightError, ValueError) as e:

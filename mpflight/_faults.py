@@ -26,6 +26,12 @@ MECHANISMS: Final = frozenset(
         "pidns-check",  # a process of another pid namespace is refused
         "reserve",  # segment space is reserved before writing (else SIGBUS on a full /dev/shm)
         "dead-waiters",  # records of dead waiters are reclaimed
+        "owner-trust",  # a table or segment neither ours nor our group's is refused (fstat)
+        "random-names",  # semaphores and segments get random names (else predictable ones)
+        "read-only-modes",  # modes granting read without write (0o644, 0o640) are refused
+        "table-mode",  # every process makes objects with the table's mode and group
+        "space-errors",  # a full /dev/shm is an MPFlightError; a failed creation leaves nothing
+        "no-init",  # create=False never initializes a table
     }
 )
 

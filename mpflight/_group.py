@@ -86,12 +86,12 @@ from ._locks import (
     SEP,
     LockTimeout,
     SegmentFull,
+    check_mode,
     lock_holder,
-    map_segment,
+    shm_entries,
     table_headers,
     unlink_all,
     unlink_segment,
-    write_segment,
 )
 from ._table import COMPLETING, DONE, FREE, MAX_KEY_BYTES, RUNNING, LocalCall, Table
 
@@ -199,7 +199,7 @@ def _key_identity(key: object) -> tuple[int, bytes, bytes]:
     return kind, raw, raw
 
 
-def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
+def _attach(name: str, slots: int | None, mode: int | None, create: bool) -> Table:
     with _tables_lock:
         t = _tables.get(name)
         if t is None or t.closed:
@@ -207,6 +207,11 @@ def _attach(name: str, slots: int | None, mode: int, create: bool) -> Table:
             _tables[name] = t
         elif slots is not None and slots != t.slots:
             raise MPFlightError(f"mpflight table {name!r} exists with {t.slots} slots, not {slots}")
+        elif mode is not None and mode != t.file.mode:
+            raise MPFlightError(
+                f"mpflight table {name!r} ({t.file.path}) has mode {t.file.mode:#o}, not {mode:#o}: "
+                "omit mode= to adopt the table's, or unlink it to make it anew with another"
+            )
         t.refs += 1
         return t
 
@@ -486,7 +491,7 @@ class Group:
         *,
         slots: int | None = None,
         timeout: float | None = None,
-        mode: int = 0o600,
+        mode: int | None = None,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         codec: _codec.Codec | None = None,
         check_interval: float = DEFAULT_CHECK_INTERVAL,
@@ -497,18 +502,23 @@ class Group:
             raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, not {slots!r}")
         self.timeout = None if timeout is None else _positive("timeout", timeout)
         self.check_interval = _positive("check_interval", check_interval)
-        if type(mode) is not int or not 0 <= mode <= 0o777:
-            raise ValueError(f"mode must be permission bits from 0 to 0o777, not {mode!r}")
+        if mode is not None:
+            if type(mode) is not int or not 0 <= mode <= 0o777:
+                raise ValueError(f"mode must be permission bits from 0 to 0o777, not {mode!r}")
+            bad = check_mode(mode)
+            if bad is not None:
+                raise ValueError(bad)
         if type(max_result_bytes) is not int or not 1 <= max_result_bytes <= MAX_RESULT_BYTES:
             raise ValueError(f"max_result_bytes must be an int from 1 to {MAX_RESULT_BYTES}")
         if codec is not None and not isinstance(codec, _codec.Codec):
             raise TypeError(f"codec must be an mpflight.Codec, not {type(codec).__name__}")
-        self.mode = mode
+        self._mode = mode  # as asked: None adopts the table's (and makes a new one 0o600)
         self.max_result_bytes = max_result_bytes
         self.codec = codec
         self._create = create
         self._executor: ThreadPoolExecutor | None = None
         self._t: Table | None = _attach(self.name, slots, mode, create)
+        self.mode: int = self._t.mode  # the table's: what every process makes its objects with
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -951,7 +961,7 @@ class Group:
             raise TimeoutError(
                 f"gave up waiting {self.timeout} s for the table lock of {self.name!r}"
             ) from None
-        if isinstance(entered, DeadlockError):
+        if isinstance(entered, MPFlightError):
             raise entered
         if isinstance(entered, str):
             now = time.monotonic()
@@ -966,7 +976,7 @@ class Group:
     def _enter_locked(
         self, t: Table, key: str | bytes, kind: int, raw: bytes, ident: bytes, home: int, pid: int,
         start: int, tid: int, token: _Token, blocking: bool,
-    ) -> tuple[int, int, int, int] | DeadlockError | str:  # fmt: skip
+    ) -> tuple[int, int, int, int] | MPFlightError | str:  # fmt: skip
         """Under the lock: _enter's work. A refusal is returned, having written nothing, so that the
         lock is left clean; so is what ran out ("slots" or "waiter records") when nothing was free."""
         index = self._find(t, kind, ident, len(raw), home) if t.homes[home] else -1
@@ -974,7 +984,7 @@ class Group:
         if index >= 0:
             try:
                 gen, record = self._try_join(t, index, key, pid, start, tid, token, blocking)
-            except DeadlockError as e:  # nothing was written
+            except MPFlightError as e:  # a refusal, or no semaphore: nothing was written
                 return e
             if gen >= 0:
                 return _JOIN, index, gen, record
@@ -1066,7 +1076,8 @@ class Group:
 
         Returns (the call's generation, our record); the generation is _OWNER_GONE when its owner is
         gone (the call is aborted: claim anew), _NO_RECORD when every waiter record is taken (run fn
-        alone). Raises DeadlockError, having written nothing, when the wait would never end.
+        alone). Raises DeadlockError, having written nothing, when the wait would never end, and
+        MPFlightError, having written nothing, when the slot's semaphore cannot be made (a full /dev/shm).
         """
         off = t.slot_off(index)
         gen = t.gen(index)
@@ -1097,6 +1108,7 @@ class Group:
         if r < 0:
             return _NO_RECORD, -1
         r -= t.geo.record_map
+        t.sems.ensure(index)  # the slot's semaphore, made by its first waiter; raises having written nothing
         RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
         t.readers[r] = weakref.ref(token)
         t.rmap[r] = 1
@@ -1250,7 +1262,7 @@ class Group:
         if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
             # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
             if where == RESULT_SEGMENT:
-                unlink_segment(t.segment(index, gen))
+                unlink_segment(t.segment(index))
             return 0
         t.mm[off + S_RESULT_WHERE] = where
         t.set_u32(off + S_RESULT_LEN, length)
@@ -1297,12 +1309,12 @@ class Group:
                 self._write_inline(t, index, payload[: len(payload) // 2])
                 _faults.reached("result")
             return self._write_inline(t, index, payload)
-        name = t.segment(index, gen)
         try:
             if _faults.FAULT == "result":
-                write_segment(name, payload[: len(payload) // 2], self.mode)
+                t.write_segment(index, payload[: len(payload) // 2])
                 _faults.reached("result")
-            write_segment(name, payload, self.mode)
+                unlink_segment(t.segment(index))
+            t.write_segment(index, payload)  # a random name, in the slot before DONE; the table's mode
         except SegmentFull as e:
             log.warning("mpflight table %r: %s", self.name, e)
             return self._write_inline(t, index, _codec.pack_not_carried(str(e)))
@@ -1388,7 +1400,7 @@ class Group:
                 payload = bytes(t.mm[off + S_RESULT : off + S_RESULT + length])
                 return Result(_codec.unpack(payload, self.codec, key=key, owner_pid=owner[0]), True)  # type: ignore[arg-type]
             if where == RESULT_SEGMENT and 0 < length <= MAX_RESULT_BYTES:
-                with map_segment(t.segment(index, gen), length) as seg, memoryview(seg) as view:
+                with t.map_segment(index, length) as seg, memoryview(seg) as view:
                     value = _codec.unpack(view, self.codec, key=key, owner_pid=owner[0])
                 return Result(value, True)  # type: ignore[arg-type]
             raise MPFlightError(f"corrupt slot {index} in table {self.name!r}: outcome location {where}")
@@ -1437,7 +1449,8 @@ class Group:
     @staticmethod
     def _abort(t: Table, index: int, gen: int, reason: str) -> None:
         """Under the lock: end call (index, gen), whose owner is gone, with an abort for its waiters."""
-        if t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
+        state = t.states[index]
+        if t.gen(index) != gen or state not in (RUNNING, COMPLETING):
             return
         t.owners.pop((index, gen), None)
         off = t.slot_off(index)
@@ -1452,7 +1465,8 @@ class Group:
         t.set_u32(off + S_RESULT_LEN, len(payload))
         t.states[index] = DONE
         t.bump(C_ABORTS)
-        unlink_segment(t.segment(index, gen))  # an owner may die while writing one
+        if state == COMPLETING:  # an owner may die while writing one; it named it in the slot first
+            unlink_segment(t.segment(index))
         waiters = t.waiters_of(index)
         if waiters == 0:
             t.free(index, gen)
@@ -1626,22 +1640,18 @@ class Group:
         calls, records = Group._end_orphans(t, None)
         reclaimed["calls"] += calls
         reclaimed["waiters"] += records
-        # Under the lock: an owner must take it to become COMPLETING before it makes a segment,
-        # so a segment that no COMPLETING or DONE call names now is an orphan.
-        expected = {
-            t.segment(i, t.gen(i)).lstrip("/") for i in range(t.slots) if t.states[i] in (COMPLETING, DONE)
-        }
-        reclaimed["segments"] = Group._unlink_orphan_segments(t, expected)
+        # Under the lock: an owner must take it to become COMPLETING before it makes a segment, and
+        # names the segment in its slot before making it. So, listing first and reading the names
+        # after, a listed segment that no COMPLETING or DONE slot names now is an orphan.
+        entries = shm_entries()
+        expected = {t.segment(i).lstrip("/") for i in range(t.slots) if t.states[i] in (COMPLETING, DONE)}
+        reclaimed["segments"] = Group._unlink_orphan_segments(t, entries, expected)
         return reclaimed
 
     @staticmethod
-    def _unlink_orphan_segments(t: Table, expected: set[str]) -> int:
+    def _unlink_orphan_segments(t: Table, entries: list[str], expected: set[str]) -> int:
         """Unlink this table's segments (by its nonce) that no call names; another table's are left."""
-        stem = t.segment(0, 0).lstrip("/").rsplit(".", 2)[0] + "."
-        try:
-            entries = os.listdir("/dev/shm")
-        except OSError:
-            return 0
+        stem = t.segment(0).lstrip("/").rsplit(".", 2)[0] + "."
         n = 0
         for entry in entries:
             if entry.startswith(stem) and entry not in expected:
@@ -1658,10 +1668,10 @@ class Group:
             with _tables_lock:
                 if _tables.get(self.name) is t:
                     del _tables[self.name]  # the name leads elsewhere now
-            new = _attach(self.name, None, self.mode, self._create)
+            new = _attach(self.name, None, self._mode, self._create)
             with _tables_lock:
                 if self._t is t:
-                    self._t, t.refs = new, t.refs - 1
+                    self._t, t.refs, self.mode = new, t.refs - 1, new.mode
                 else:  # another thread of this handle moved it first
                     new.refs -= 1
             _close_unused(t)

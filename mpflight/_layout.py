@@ -27,7 +27,7 @@ from typing import Final
 MAGIC: Final = b"MPFLIGHT"
 # Bumped whenever any byte below changes meaning; part of every OS object name (see _locks.object_name),
 # so that two versions of the library running side by side use two tables.
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 
 DEFAULT_SLOTS: Final = 1024
 # Bounds a table to 64 MiB of slots: far more calls in flight at once than one machine runs.
@@ -59,8 +59,11 @@ C_RUNS, C_JOINS, C_SHARED, C_ERRORS, C_ABORTS, C_TIMEOUTS, C_FALLBACKS, C_WAIT_N
 # Set to 1 by each holder of the table lock on entry and back to 0 on a clean exit. The kernel drops a
 # dead holder's lock, but not this byte: the next holder that finds it set repairs the table.
 H_DIRTY: Final = 192
+# u32: the permission bits the table was made with, written once by the initializer. What is enforced is
+# the table file's own st_mode and st_gid (read with fstat on attach); this records what was asked.
+H_MODE: Final = 196
 HEADER_SIZE: Final = 256
-assert HEADER.size <= H_COUNTERS and H_COUNTERS + COUNTERS.size <= H_DIRTY < HEADER_SIZE
+assert HEADER.size <= H_COUNTERS and H_COUNTERS + COUNTERS.size <= H_DIRTY < H_MODE < HEADER_SIZE - 4
 
 
 class SlotState(enum.IntEnum):
@@ -86,7 +89,7 @@ DIGEST_SIZE: Final = 32
 # Where a published outcome is.
 RESULT_NONE: Final = 0
 RESULT_INLINE: Final = 1  # msgpack payload in the slot's result area
-RESULT_SEGMENT: Final = 2  # msgpack payload in the segment named after (table, slot, generation)
+RESULT_SEGMENT: Final = 2  # msgpack payload in the segment the slot names (S_SEGMENT_TOKEN)
 RESULT_LOCAL: Final = 3  # only threads of the owner's process wait: they take the owner's object
 
 # Slot. The fixed part is written in one piece by the claimer (under the lock, before the state byte
@@ -108,6 +111,18 @@ S_KEY_KIND: Final = 64  # u8: KEY_*
 S_RESULT_WHERE: Final = 65  # u8: RESULT_*
 S_RESULT_LEN: Final = 68  # u32: bytes of the payload, inline or in the segment
 S_KEY_LEN: Final = 72  # u64: length of the full encoded key
+# u64, random and nonzero, 0 until the slot's first waiter: names the slot's wake-up semaphore
+# (_locks.semaphore_name). Written under the lock by the first waiter of any call of the slot, which
+# creates the semaphore (O_CREX) before writing its own record; kept across generations (the claimer's
+# SLOT.pack_into stops short of it); replaced under the lock only when its semaphore is gone. Read by
+# waiters and the owner to open the semaphore; never used to create one outside the lock.
+S_SEM_TOKEN: Final = 88
+# u64, random: names the call's result segment (_locks.segment_name). Written by the owner in
+# COMPLETING, outside the lock (the result area is its own then), before it creates the segment
+# (O_CREX) and before the state byte says DONE; read after DONE by readers, and under the lock by the
+# last reader, the aborter, repair and gc, only when the outcome location says RESULT_SEGMENT (or the
+# slot is COMPLETING).
+S_SEGMENT_TOKEN: Final = 96
 # The four u32 the owner reads on completion, in one unpack.
 COMPLETION: Final = struct.Struct("<IIII")  # home, flags, waiters, joins at S_HOME
 S_KEY: Final = 128
@@ -119,7 +134,7 @@ RESULT_CAP: Final = 1664
 SLOT_SIZE: Final = S_RESULT + RESULT_CAP
 U32S: Final = SLOT_SIZE // 4  # a slot's length in u32 (Table.u32s) and u64 (Table.u64s) units
 U64S: Final = SLOT_SIZE // 8
-assert SLOT.size <= S_KEY
+assert SLOT.size <= S_SEM_TOKEN and S_SEGMENT_TOKEN + 8 <= S_KEY
 
 # Waiter record: one per registered waiter, written by that waiter under the lock before its byte in
 # the record map is set; the byte is the commit. Slot waiter counts are derived from these, so a

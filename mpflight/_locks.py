@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import hashlib
 import mmap
 import os
 import pwd
 import re
+import secrets
 import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 import posix_ipc
@@ -65,54 +68,149 @@ def object_name(group: str, suffix: str = "") -> str:
     return name
 
 
-def semaphore_name(group: str, slot: int) -> str:
-    return object_name(group, f"{SEP}s{slot}")
+# How many fresh random names an object creation tries before giving up: a collision of two random
+# u64 is as good as impossible, so a second try already means something else squats the names.
+NAME_TRIES: Final = 8
 
 
-def segment_name(group: str, nonce: int, slot: int, gen: int) -> str:
-    """A result segment's name: the table's nonce keeps apart the segments of a table made anew
-    under the same name while calls of the old one still finish."""
-    return object_name(group, f"{SEP}r{nonce:08x}.{slot}.{gen & 0xFFFFFFFF}")
+def new_token(predictable: int) -> int:
+    """A random nonzero u64 for an object's name, which nobody can guess and so pre-create.
+
+    ``predictable`` is what a name would use without it (test-only switch ``random-names``)."""
+    if "random-names" in _faults.DISABLED:
+        return predictable
+    return secrets.randbits(64) or 1
 
 
-def _shm_path(os_name: str) -> str:
+def semaphore_name(group: str, slot: int, token: int) -> str:
+    """A slot's wake-up semaphore: the token is random and recorded in the slot (S_SEM_TOKEN)."""
+    return object_name(group, f"{SEP}s{slot}.{token & 0xFFFFFFFFFFFFFFFF:016x}")
+
+
+def segment_name(group: str, nonce: int, slot: int, token: int) -> str:
+    """A result segment's name: the token is random, recorded in the slot (S_SEGMENT_TOKEN); the
+    table's nonce keeps apart the segments of a table made anew under the same name while calls of
+    the old one still finish, and lets gc find this table's orphans by prefix."""
+    return object_name(group, f"{SEP}r{nonce:08x}.{slot}.{token & 0xFFFFFFFFFFFFFFFF:016x}")
+
+
+def shm_path(os_name: str) -> str:
     return f"{SHM_DIR}/{os_name.lstrip('/')}"
 
 
-def _whose(os_name: str) -> str:
+def sem_path(os_name: str) -> str:
+    return f"{SHM_DIR}/sem.{os_name.lstrip('/')}"
+
+
+def _whose(st: os.stat_result) -> str:
     try:
-        st = os.stat(_shm_path(os_name))
-    except OSError:
-        return "another user"
-    try:
-        user = pwd.getpwuid(st.st_uid).pw_name
+        user = f"user {pwd.getpwuid(st.st_uid).pw_name} (uid {st.st_uid})"
     except KeyError:
         user = f"uid {st.st_uid}"
-    return f"user {user} (mode {stat.S_IMODE(st.st_mode):#o})"
+    try:
+        group = f"group {grp.getgrgid(st.st_gid).gr_name} (gid {st.st_gid})"
+    except KeyError:
+        group = f"gid {st.st_gid}"
+    return f"{user}, {group}, mode {stat.S_IMODE(st.st_mode):#o}"
 
 
-def _permission_error(group: str, os_name: str) -> MPFlightError:
+def check_mode(mode: int) -> str | None:
+    """Why ``mode`` cannot be a table's mode, or None. flock works on a read-only descriptor, so read
+    access alone would let a reader hold the table lock: group and other get read and write, or nothing."""
+    if mode & 0o600 != 0o600:
+        return f"mode {mode:#o} must give the owner read and write"
+    for who, shift in (("group", 3), ("other", 0)):
+        if (mode >> shift) & 0o6 not in (0, 0o6) and "read-only-modes" not in _faults.DISABLED:
+            return (
+                f"mode {mode:#o} gives {who} only part of read+write: read access alone can hold the "
+                "table lock (flock works on a read-only descriptor), so give read and write or nothing"
+            )
+    return None
+
+
+def _our_groups() -> set[int]:
+    return {os.getegid(), *os.getgroups()}
+
+
+def _refusal(group: str, what: str, path: str, st: os.stat_result) -> MPFlightError:
     return MPFlightError(
-        f"permission denied opening mpflight table {group!r} ({_shm_path(os_name)}), which belongs to "
-        f"{_whose(os_name)}: run as that user, or have the table created with a wider mode "
-        f"(Group(..., mode=0o660) for a shared group) after removing it with mpflight.unlink({group!r})"
+        f"mpflight refuses {what} {path}: it belongs to {_whose(st)}, and this process (uid {os.geteuid()}) "
+        f"is neither its owner nor a member of the group of a table shared with a group mode (0o660). "
+        f"Remove it with mpflight.unlink({group!r}) as its owner or root, or pick another name"
     )
 
 
+def check_table(group: str, path: str, st: os.stat_result) -> None:
+    """Refuse a table that is neither ours nor shared with one of our groups (docs/design.md,
+    "Threat model"). The file's own owner, group and mode decide: never a uid written inside it."""
+    if "owner-trust" in _faults.DISABLED or st.st_uid == os.geteuid():
+        return
+    if stat.S_IMODE(st.st_mode) & 0o060 == 0o060 and st.st_gid in _our_groups():
+        return  # a member of the table's group: trusted like its owner
+    raise _refusal(group, "the table", path, st)
+
+
+def check_object(group: str, what: str, path: str, st: os.stat_result, gid: int, mode: int) -> None:
+    """Refuse one of a table's objects unless it is ours, or carries the table's group, the table has a
+    group mode, and it has no mode bits beyond the table's."""
+    if "owner-trust" in _faults.DISABLED or st.st_uid == os.geteuid():
+        return
+    if mode & 0o060 == 0o060 and st.st_gid == gid and not stat.S_IMODE(st.st_mode) & ~mode:
+        return
+    raise _refusal(group, what, path, st)
+
+
+def _share(target: int | str, mode: int, gid: int) -> None:
+    """Give an object we just made the table's mode (the umask narrowed it) and the table's group."""
+    if isinstance(target, int):
+        os.fchmod(target, mode)
+        if gid not in (-1, os.getegid()):
+            os.fchown(target, -1, gid)
+    else:
+        os.chmod(target, mode)
+        if gid not in (-1, os.getegid()):
+            os.chown(target, -1, gid, follow_symlinks=False)
+
+
+class NotInitialised(MPFlightError):
+    """The table exists but its creator has not finished it (raised when attaching without creating)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"mpflight table {name!r} is not initialised (its creator has not finished, or died halfway): "
+            f"the next Group({name!r}) that may create it initialises it; mpflight.unlink({name!r}) drops it"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name,))
+
+
 class TableFile:
-    """The table's shared-memory object: its descriptor and the lock on it."""
+    """The table's shared-memory object: its descriptor, the lock on it, its mode and group.
+
+    Opening checks the object (fstat on the descriptor we opened) before anything else touches it:
+    another user's table is refused without being mapped or locked.
+    """
 
     def __init__(self, group: str, *, create: bool, mode: int) -> None:
         self.group = group
         self.os_name = object_name(group)
+        self.path = shm_path(self.os_name)
         self.created = False
+        self.fd: int = -1
         while True:
             try:
                 if create:
                     try:
                         shm = posix_ipc.SharedMemory(self.os_name, posix_ipc.O_CREX, mode=mode)
                         self.created = True
-                        os.fchmod(shm.fd, mode)  # the umask narrowed it; `mode` is what was asked for
+                        try:
+                            os.fchmod(shm.fd, mode)  # the umask narrowed it; `mode` is what was asked for
+                        except BaseException:
+                            self.fd = shm.fd
+                            self.remove()
+                            raise
                         break
                     except posix_ipc.ExistentialError:
                         pass
@@ -129,9 +227,37 @@ class TableFile:
                     raise NoSuchTable(group) from None
                 # Removed between our two opens: try creating again.
             except posix_ipc.PermissionsError:
-                raise _permission_error(group, self.os_name) from None
-        self.fd: int = shm.fd
+                raise _permission_error(group, self.path) from None
+            except OSError as e:  # ENOSPC (no inode left on /dev/shm), EMFILE, ...
+                raise MPFlightError(f"cannot open mpflight table {group!r} ({self.path}): {e}") from None
+        self.fd = shm.fd
+        try:
+            st = os.fstat(self.fd)
+            check_table(group, self.path, st)
+            bad = check_mode(stat.S_IMODE(st.st_mode))
+            if bad is not None:
+                raise MPFlightError(
+                    f"mpflight refuses the table {self.path}: {bad}; unlink it and make it anew"
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.mode = stat.S_IMODE(st.st_mode)
+        self.gid = st.st_gid
         self.lock = TableLock(self.fd)
+
+    def remove(self) -> None:
+        """Close, and unlink the name if it still leads to our object (a creation that failed)."""
+        try:
+            ours = os.fstat(self.fd)
+            with contextlib.suppress(OSError):
+                theirs = os.stat(self.path)
+                if (theirs.st_ino, theirs.st_dev) == (ours.st_ino, ours.st_dev):
+                    posix_ipc.unlink_shared_memory(self.os_name)
+        except (OSError, posix_ipc.Error):
+            pass
+        finally:
+            os.close(self.fd)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -169,6 +295,18 @@ class TableFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _permission_error(group: str, path: str) -> MPFlightError:
+    try:
+        whose = _whose(os.stat(path))
+    except OSError:
+        whose = "another user"
+    return MPFlightError(
+        f"permission denied opening mpflight table {group!r} ({path}), which belongs to {whose}: run as "
+        f"that user, or remove it with mpflight.unlink({group!r}) as its owner or root and have it made "
+        f"with a group mode (Group(..., mode=0o660)) by a process of the group that shares it"
+    )
 
 
 class LockTimeout(TimeoutError):
@@ -317,66 +455,151 @@ def _take_for(request: _Request, hold: Hold) -> None:
 
 
 class Semaphores:
-    """The per-slot wake-up semaphores of one table, opened (or created) on first use and cached."""
+    """The per-slot wake-up semaphores of one table, opened by the name each slot records, and cached.
 
-    def __init__(self, group: str, mode: int) -> None:
+    Only ``ensure`` creates one: under the table lock, for the first waiter of a slot, with O_CREX and
+    a random name (so nobody can have made it before us), the table's mode and the table's group.
+    Waiting and posting open the semaphore the slot names and never create one: a post is a hint, and
+    a waiter re-reads the state on every slice anyway. (sem_open gives no descriptor to fstat: the
+    names are what keeps other users' semaphores out; they are recorded only inside the table.)
+    """
+
+    def __init__(
+        self,
+        group: str,
+        token: Callable[[int], int],
+        set_token: Callable[[int, int], None],
+        mode: int,
+        gid: int,
+    ) -> None:
         self._group = group
+        self._token = token
+        self._set_token = set_token
         self._mode = mode
-        self._open: dict[int, posix_ipc.Semaphore] = {}
+        self._gid = gid
+        self._open: dict[int, tuple[int, posix_ipc.Semaphore]] = {}
+        # Handles of replaced semaphores: another thread may still wait on one, so close them last.
+        self._retired: list[posix_ipc.Semaphore] = []
 
-    def _get(self, slot: int) -> posix_ipc.Semaphore:
-        sem = self._open.get(slot)
-        if sem is None:
-            name = semaphore_name(self._group, slot)
-            try:
-                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREAT, mode=self._mode, initial_value=0)
-            except posix_ipc.PermissionsError:
-                raise _permission_error(self._group, name) from None
-            if self._mode & 0o077:
-                # The umask narrowed a mode that was widened on purpose (shared with other users).
-                with contextlib.suppress(OSError):
-                    os.chmod(f"{SHM_DIR}/sem.{name.lstrip('/')}", self._mode)
-            sem = self._open.setdefault(slot, sem)
+    def name(self, slot: int) -> str | None:
+        token = self._token(slot)
+        return semaphore_name(self._group, slot, token) if token else None
+
+    def _get(self, slot: int) -> posix_ipc.Semaphore | None:
+        token = self._token(slot)
+        if not token:
+            return None
+        cached = self._open.get(slot)
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        try:
+            sem = posix_ipc.Semaphore(semaphore_name(self._group, slot, token), 0)
+        except (posix_ipc.Error, OSError):  # gone (unlinked under us), or garbage in the slot
+            return None
+        self._keep(slot, token, sem)
         return sem
+
+    def _keep(self, slot: int, token: int, sem: posix_ipc.Semaphore) -> None:
+        old = self._open.get(slot)
+        self._open[slot] = (token, sem)
+        if old is not None and old[1] is not sem:
+            self._retired.append(old[1])
+
+    def ensure(self, slot: int) -> None:
+        """Under the lock, before a waiter registers: make sure slot ``slot`` has its semaphore.
+
+        Raises MPFlightError (having recorded nothing) when none can be made, e.g. /dev/shm is full.
+        """
+        if self._get(slot) is not None:
+            return
+        for _ in range(NAME_TRIES):
+            token = new_token(1)
+            name = semaphore_name(self._group, slot, token)
+            try:
+                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=self._mode, initial_value=0)
+            except posix_ipc.ExistentialError:
+                continue
+            except posix_ipc.PermissionsError:
+                raise MPFlightError(f"permission denied creating semaphore {sem_path(name)}") from None
+            except (posix_ipc.Error, OSError) as e:  # ENOSPC comes as a bare OSError
+                if "space-errors" in _faults.DISABLED:
+                    raise
+                raise MPFlightError(
+                    f"cannot create semaphore {sem_path(name)} for table {self._group!r}: {e} "
+                    f"(is {SHM_DIR} full?)"
+                ) from None
+            try:
+                _share(sem_path(name), self._mode, self._gid)
+            except OSError as e:
+                sem.unlink()
+                sem.close()
+                raise MPFlightError(
+                    f"cannot give semaphore {sem_path(name)} the table's mode {self._mode:#o} and group "
+                    f"{self._gid}: {e}"
+                ) from None
+            self._set_token(slot, token)
+            self._keep(slot, token, sem)
+            return
+        raise MPFlightError(
+            f"cannot create a semaphore for slot {slot} of table {self._group!r}: {NAME_TRIES} names "
+            "in a row exist already"
+        )
 
     def wait(self, slot: int, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a post; False when the time ran out or a signal came."""
+        sem = self._get(slot)
+        if sem is None:  # no semaphore to wait on (damage): the caller re-reads the state after the slice
+            time.sleep(max(timeout, 0.0))
+            return False
         try:
-            self._get(slot).acquire(max(timeout, 0.0))
+            sem.acquire(max(timeout, 0.0))
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
         return True
 
     def post(self, slot: int, times: int) -> None:
         sem = self._get(slot)
+        if sem is None:
+            return  # a post is a hint: the waiters see DONE on their next slice
         for _ in range(times):
             sem.release()
 
     def close(self) -> None:
-        for sem in self._open.values():
+        for _, sem in self._open.values():
+            sem.close()
+        for sem in self._retired:
             sem.close()
         self._open.clear()
+        self._retired.clear()
 
 
 class SegmentFull(MPFlightError):
     """/dev/shm has no room for a result segment."""
 
 
-def write_segment(name: str, payload: bytes | memoryview, mode: int) -> None:
-    """Create segment ``name`` holding ``payload``; reserving first makes a full /dev/shm an error."""
+class SegmentExists(MPFlightError):
+    """A segment of this name exists already (the caller picks another name)."""
+
+
+def write_segment(name: str, payload: bytes | memoryview, mode: int, gid: int) -> None:
+    """Create segment ``name`` (O_CREX) holding ``payload``, with the table's mode and group; reserving
+    first makes a full /dev/shm an error."""
     size = len(payload)
-    for _ in range(2):
-        try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode)
-            if mode & 0o077:
-                os.fchmod(shm.fd, mode)  # the umask narrowed a mode widened on purpose
-            break
-        except posix_ipc.ExistentialError:
-            # Left by an owner of an earlier generation that died: nobody can be reading it.
-            unlink_segment(name)
-    else:
-        raise MPFlightError(f"cannot create result segment {name}")
     try:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode)
+    except posix_ipc.ExistentialError:
+        raise SegmentExists(name) from None
+    except posix_ipc.PermissionsError:
+        raise MPFlightError(f"permission denied creating result segment {shm_path(name)}") from None
+    except OSError as e:
+        raise SegmentFull(f"cannot create result segment {shm_path(name)}: {e.strerror}") from None
+    try:
+        try:
+            _share(shm.fd, mode, gid)
+        except OSError as e:
+            raise MPFlightError(
+                f"cannot give result segment {shm_path(name)} the table's mode {mode:#o} and group {gid}: {e}"
+            ) from None
         try:
             if "reserve" in _faults.DISABLED:
                 os.ftruncate(shm.fd, size)  # what the failure model's test shows to be fatal
@@ -393,16 +616,18 @@ def write_segment(name: str, payload: bytes | memoryview, mode: int) -> None:
         shm.close_fd()
 
 
-def map_segment(name: str, size: int) -> mmap.mmap:
-    """Map segment ``name`` for reading; it must hold at least ``size`` bytes."""
+def map_segment(group: str, name: str, size: int, gid: int, mode: int) -> mmap.mmap:
+    """Map segment ``name`` for reading, once fstat on it says it is trusted; it must hold ``size`` bytes."""
     try:
         shm = posix_ipc.SharedMemory(name, 0, read_only=True)
     except posix_ipc.ExistentialError:
-        raise MPFlightError(f"result segment {name} is missing") from None
+        raise MPFlightError(f"result segment {shm_path(name)} is missing") from None
     except posix_ipc.PermissionsError:
-        raise MPFlightError(f"permission denied reading result segment {name}") from None
+        raise MPFlightError(f"permission denied reading result segment {shm_path(name)}") from None
     try:
-        if os.fstat(shm.fd).st_size < size:
+        st = os.fstat(shm.fd)
+        check_object(group, "the result segment", shm_path(name), st, gid, mode)
+        if st.st_size < size:
             raise MPFlightError(f"result segment {name} is shorter than its slot says")
         return mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
     finally:
@@ -412,7 +637,7 @@ def map_segment(name: str, size: int) -> mmap.mmap:
 def unlink_segment(name: str) -> bool:
     try:
         posix_ipc.unlink_shared_memory(name)
-    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
         return False
     return True
 
@@ -430,16 +655,13 @@ def unlink_all(group: str) -> bool:
         if entry.startswith(f"{stem}{SEP}"):
             removed |= unlink_segment(f"/{entry}")
         elif entry.startswith(f"sem.{stem}{SEP}"):
-            try:
+            # Another user's object (squatting our names) is left for its owner or root.
+            with contextlib.suppress(posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
                 posix_ipc.unlink_semaphore("/" + entry.removeprefix("sem."))
                 removed = True
-            except posix_ipc.ExistentialError:
-                pass
-    try:
+    with contextlib.suppress(posix_ipc.ExistentialError, posix_ipc.PermissionsError, OSError):
         posix_ipc.unlink_shared_memory(table)
         removed = True
-    except posix_ipc.ExistentialError:
-        pass
     return removed
 
 
@@ -449,14 +671,14 @@ _TABLE_ENTRY: Final = re.compile(r"mpf(\d+)@([A-Za-z0-9._-]+)")
 def other_versions(group: str) -> list[int]:
     """Layout versions other than ours of which a table named ``group`` exists here."""
     found = []
-    for entry in _shm_entries():
+    for entry in shm_entries():
         m = _TABLE_ENTRY.fullmatch(entry)
         if m and m.group(2) == group and int(m.group(1)) != LAYOUT_VERSION:
             found.append(int(m.group(1)))
     return sorted(found)
 
 
-def _shm_entries() -> list[str]:
+def shm_entries() -> list[str]:
     try:
         return os.listdir(SHM_DIR)
     except OSError:
@@ -466,7 +688,7 @@ def _shm_entries() -> list[str]:
 def table_headers() -> list[tuple[str, bytes | None]]:
     """(OS name, first header bytes or None if unreadable) of every table of our layout version here."""
     found: list[tuple[str, bytes | None]] = []
-    for entry in sorted(_shm_entries()):
+    for entry in sorted(shm_entries()):
         m = _TABLE_ENTRY.fullmatch(entry)
         if not m or int(m.group(1)) != LAYOUT_VERSION:
             continue
@@ -477,7 +699,13 @@ def table_headers() -> list[tuple[str, bytes | None]]:
             found.append((f"/{entry}", None))
             continue
         try:
-            if os.fstat(shm.fd).st_size >= HEADER_SIZE:
+            st = os.fstat(shm.fd)
+            try:
+                check_table("", shm_path(entry), st)
+                trusted = True
+            except MPFlightError:
+                trusted = False  # not ours: its bytes say nothing we may believe (not even its name)
+            if trusted and st.st_size >= HEADER_SIZE:
                 with mmap.mmap(shm.fd, HEADER_SIZE, prot=mmap.PROT_READ) as mm:
                     header = mm[:HEADER_SIZE]
         finally:

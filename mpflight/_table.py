@@ -24,6 +24,7 @@ from ._layout import (
     DEFAULT_SLOTS,
     H_COUNTERS,
     H_DIRTY,
+    H_MODE,
     H_NONCE,
     H_READY,
     HEADER,
@@ -47,6 +48,8 @@ from ._layout import (
     S_KEY_LEN,
     S_RESULT_LEN,
     S_RESULT_WHERE,
+    S_SEGMENT_TOKEN,
+    S_SEM_TOKEN,
     S_WAITERS,
     SLOT,
     SLOT_SIZE,
@@ -54,7 +57,18 @@ from ._layout import (
     Geometry,
     SlotState,
 )
-from ._locks import Semaphores, TableFile, segment_name, unlink_segment
+from ._locks import (
+    NAME_TRIES,
+    NotInitialised,
+    SegmentExists,
+    Semaphores,
+    TableFile,
+    map_segment,
+    new_token,
+    segment_name,
+    unlink_segment,
+    write_segment,
+)
 
 log = logging.getLogger("mpflight")
 
@@ -79,6 +93,8 @@ DONE: Final = SlotState.DONE.value
 # Keys longer than this are refused (ValueError): bounds what a caller hashes and what a slot's key
 # length field may claim.
 MAX_KEY_BYTES: Final = 64 * 1024
+# The mode of a table made without mode=: only its user gets in.
+DEFAULT_MODE: Final = 0o600
 
 
 class LocalCall:
@@ -96,15 +112,27 @@ class LocalCall:
 class Table:
     """A mapped table and its lock. ``with table:`` holds the lock and repairs what a dead holder left."""
 
-    def __init__(self, group: str, *, slots: int | None, mode: int, create: bool) -> None:
+    def __init__(self, group: str, *, slots: int | None, mode: int | None, create: bool) -> None:
         self.group = group
-        self.mode = mode
-        self.file = TableFile(group, create=create, mode=mode)
+        self.file = TableFile(group, create=create, mode=DEFAULT_MODE if mode is None else mode)
+        # The table's mode and group are the file's own (fstat), whatever this handle asked for: every
+        # process makes semaphores and segments with them.
+        self.mode, self.gid = self.file.mode, self.file.gid
+        if "table-mode" in _faults.DISABLED:  # each process its own handle's mode and its own group
+            self.mode, self.gid = DEFAULT_MODE if mode is None else mode, -1  # -1: whichever is ours
         try:
-            self.geo = self._initialize_or_check(slots)
+            if mode is not None and mode != self.file.mode:
+                raise MPFlightError(
+                    f"mpflight table {group!r} ({self.file.path}) has mode {self.file.mode:#o}, not "
+                    f"{mode:#o}: omit mode= to adopt the table's, or unlink it to make it anew with another"
+                )
+            self.geo = self._initialize_or_check(slots, create)
             self.mm = self.file.map(self.geo.size)
         except BaseException:
-            self.file.close()
+            if self.file.created and "space-errors" not in _faults.DISABLED:
+                self.file.remove()  # a creation that failed (a full /dev/shm) leaves nothing behind
+            else:
+                self.file.close()
             raise
         g = self.geo
         self.slots = g.slots
@@ -120,7 +148,7 @@ class Table:
         self.u32s = self.view[g.slot_base : g.record_base].cast("I")
         self.u64s = self.view[g.slot_base : g.record_base].cast("Q")
         self.lock = self.file.lock
-        self.sems = Semaphores(group, mode)
+        self.sems = Semaphores(group, self.sem_token, self.set_sem_token, self.mode, self.gid)
         self.local: dict[tuple[int, int], LocalCall] = {}
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
         # it made: weak references to the callers' tokens, written under the lock with the claim or
@@ -141,11 +169,12 @@ class Table:
 
     # -- creation ------------------------------------------------------------------------------
 
-    def _initialize_or_check(self, slots: int | None) -> Geometry:
+    def _initialize_or_check(self, slots: int | None, create: bool) -> Geometry:
         """Under the lock: initialize the table if nobody finished doing so, else check its geometry.
 
         Whoever takes the lock first initializes; a creator that died halfway left ``ready`` at 0,
-        so the next one starts over. Nobody maps a table before it is ready.
+        so the next one starts over. Nobody maps a table before it is ready. A process that may not
+        create (``create=False``: the CLI) never initializes one either: NotInitialised.
         """
         f = self.file
         hold = f.lock.hold()
@@ -157,6 +186,9 @@ class Table:
                     fields = HEADER.unpack_from(head, 0)
                 if fields[2] == 1:
                     return self._check(fields, size, slots)
+            if not create and "no-init" not in _faults.DISABLED:
+                raise NotInitialised(self.group)
+            if size >= HEADER_SIZE:
                 # Not ready: its creator died halfway (or the byte was damaged). Keep the slot count it
                 # wrote, if any, so that processes that may have mapped it agree on the geometry.
                 written = fields[3]
@@ -178,6 +210,7 @@ class Table:
                 RECORD_SIZE, len(name), _owner.pid_namespace(), time.time(), name,
             )  # fmt: skip
             mm[H_NONCE : H_NONCE + 4] = secrets.token_bytes(4)
+            mm[H_MODE : H_MODE + 4] = self.file.mode.to_bytes(4, "little")
             _faults.reached("init")
             mm[H_READY : H_READY + 4] = (1).to_bytes(4, "little")
         return g
@@ -276,9 +309,35 @@ class Table:
 
     # -- slot fields -----------------------------------------------------------------------------
 
-    def segment(self, index: int, gen: int) -> str:
-        """The name of the result segment of call (index, gen) of this table."""
-        return segment_name(self.group, self.nonce, index, gen)
+    def segment(self, index: int) -> str:
+        """The name of the result segment slot ``index`` records (S_SEGMENT_TOKEN)."""
+        return segment_name(self.group, self.nonce, index, self.u64s[index * U64S + S_SEGMENT_TOKEN // 8])
+
+    def sem_token(self, index: int) -> int:
+        return self.u64s[index * U64S + S_SEM_TOKEN // 8] if 0 <= index < self.slots else 0
+
+    def set_sem_token(self, index: int, token: int) -> None:
+        """Under the lock: slot ``index``'s semaphore is now the one named by ``token``."""
+        self.u64s[index * U64S + S_SEM_TOKEN // 8] = token
+
+    def write_segment(self, index: int, payload: bytes | memoryview) -> None:
+        """Outside the lock, in COMPLETING (the result area is the owner's): put ``payload`` in a new
+        segment with a random name, recorded in the slot before the segment is made (so that an aborter
+        or gc that sees the segment also sees its name), with the table's mode and group."""
+        for _ in range(NAME_TRIES):
+            self.u64s[index * U64S + S_SEGMENT_TOKEN // 8] = new_token(self.gen(index))
+            try:
+                write_segment(self.segment(index), payload, self.mode, self.gid)
+                return
+            except SegmentExists:
+                continue
+        raise MPFlightError(
+            f"cannot create a result segment for table {self.group!r}: {NAME_TRIES} names in a row exist"
+        )
+
+    def map_segment(self, index: int, length: int) -> mmap.mmap:
+        """Map the segment slot ``index`` names, checked to be ours or our group's (fstat)."""
+        return map_segment(self.group, self.segment(index), length, self.gid, self.mode)
 
     def slot_off(self, index: int) -> int:
         return self.geo.slot_base + index * SLOT_SIZE
@@ -328,7 +387,7 @@ class Table:
         self.states[index] = FREE
         self.local.pop((index, gen), None)
         if self.mm[off + S_RESULT_WHERE] == RESULT_SEGMENT:
-            return self.segment(index, gen)
+            return self.segment(index)
         return None
 
     # -- repair ----------------------------------------------------------------------------------
@@ -383,7 +442,7 @@ class Table:
             if state == DONE and counts[i] == 0:
                 states[i] = FREE
                 if where == RESULT_SEGMENT:
-                    unlink.append(self.segment(i, gen))
+                    unlink.append(self.segment(i))
             elif state == RUNNING and flags & JOINABLE:
                 homes[home] += 1
             elif state != RUNNING:

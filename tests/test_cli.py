@@ -20,6 +20,7 @@ import posix_ipc
 import pytest
 
 import mpflight
+from mpflight._locks import segment_name
 from tests.helpers import DEADLINE, ROOT, join_in_thread, remote_owner, start_subprocess, wait_until, waiting
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -141,7 +142,8 @@ def test_gc_reclaims_a_dead_owners_call_and_a_leaked_segment(busy_table: dict[st
 
 def test_gc_removes_an_orphaned_segment(name: str) -> None:
     with mpflight.Group(name) as group:
-        orphan = posix_ipc.SharedMemory(group._table().segment(5, 7), posix_ipc.O_CREX, size=4096)
+        t = group._table()
+        orphan = posix_ipc.SharedMemory(segment_name(name, t.nonce, 5, 7), posix_ipc.O_CREX, size=4096)
     orphan.close_fd()
     proc = mpflight_cli("gc", name)
     assert (

@@ -7,7 +7,7 @@ state, writes garbage over it, and then uses every part of the API on it:
   process), then owns the call for HELD, held open; a thread of A and processes B1, B2 wait on it;
 * the calls for SMALL (fn raised: the outcome is inline) and BIG (a value in a result segment) are
   DONE, each with one registered reader (R_small, R_big) stopped by SIGSTOP before it read;
-* the runner writes garbage through its own mapping of ``/mpf1@NAME``: header fields (counters, dirty
+* the runner writes garbage through its own mapping of ``/mpf2@NAME``: header fields (counters, dirty
   byte, geometry), state map, record map, home counts, slot fields, key and result areas (the msgpack
   payload of a published outcome), waiter records, runs of random bytes anywhere, or BIG's segment;
 * then new processes attach and use the API (N: inflight, stats, gc, tables, forget, do on colliding
@@ -74,6 +74,7 @@ from mpflight._layout import (
     H_DIRTY,
     H_KEY_CAP,
     H_MAGIC,
+    H_MODE,
     H_NAME,
     H_NAME_LEN,
     H_NONCE,
@@ -109,6 +110,8 @@ from mpflight._layout import (
     S_RESULT,
     S_RESULT_LEN,
     S_RESULT_WHERE,
+    S_SEGMENT_TOKEN,
+    S_SEM_TOKEN,
     S_STARTED,
     S_WAITERS,
     Geometry,
@@ -215,6 +218,7 @@ HEADER_FIELDS = [
     (H_CREATED, 8, "created"),
     *[(H_COUNTERS + 8 * i, 8, f"counter {n}") for i, n in enumerate(COUNTER_NAMES)],
     (H_DIRTY, 1, "dirty"),
+    (H_MODE, 4, "mode"),
 ]
 SLOT_FIELDS = [
     (S_GEN, 8, "generation"),
@@ -232,6 +236,8 @@ SLOT_FIELDS = [
     (S_RESULT_WHERE, 1, "result location"),
     (S_RESULT_LEN, 4, "result length"),
     (S_KEY_LEN, 8, "key length"),
+    (S_SEM_TOKEN, 8, "semaphore token"),
+    (S_SEGMENT_TOKEN, 8, "segment token"),
 ]
 RECORD_FIELDS = [
     (R_PID, 4, "pid"),
@@ -438,7 +444,9 @@ class _Raw:
         area, xor = w.area.rstrip("^"), w.area.endswith("^")
         if area == "segment":
             nonce = int.from_bytes(self.mm[H_NONCE : H_NONCE + 4], "little")
-            name = segment_name(self.name, nonce, live.slots["big"], live.gens["big"])
+            big = live.slots["big"]
+            token = self.int(g.slot(big) + S_SEGMENT_TOKEN, 8)
+            name = segment_name(self.name, nonce, big, token)
             shm = posix_ipc.SharedMemory(name, 0)
             try:
                 with mmap.mmap(shm.fd, 0) as seg:

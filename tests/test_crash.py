@@ -401,7 +401,7 @@ def test_a_later_generation_gets_no_stale_wake_up(name: str, tmp_path: Path) -> 
         assert box[0] == mpflight.Result("A", True)
         assert group.gc()["waiters"] == 1
         assert group.inflight() == []
-        sem = mpflight._locks.posix_ipc.Semaphore(mpflight._locks.semaphore_name(name, 0))
+        sem = mpflight._locks.posix_ipc.Semaphore(group._table().sems.name(0))
         assert sem.value == 1, "the dead waiter's post is still there"
         sem.close()
         owner2 = ctx.Process(
@@ -614,7 +614,7 @@ def test_gc_never_unlinks_a_segment_being_written(
 
         def listdir(path: Any) -> list[str]:
             if path == "/dev/shm":
-                listed_under_lock.append(t.thread_lock.locked())
+                listed_under_lock.append(t.holding())
                 gate.open()  # fn returns now; its owner goes for the lock to publish its segment
             return real_listdir(path)
 

@@ -363,7 +363,7 @@ def test_an_owner_that_cannot_publish_aborts_its_waiters(
     def broken(*args: object) -> None:
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(mpflight._group, "write_segment", broken)
+    monkeypatch.setattr(mpflight._table, "write_segment", broken)
     gate = Gate(tmp_path)
     with mpflight.Group(name) as group:
         owner = group.do_future("k", workers.held, gate.gate, gate.runs, "x" * 5000)
