@@ -32,6 +32,10 @@ MECHANISMS: Final = frozenset(
         "table-mode",  # every process makes objects with the table's mode and group
         "space-errors",  # a full /dev/shm is an MPFlightError; a failed creation leaves nothing
         "no-init",  # create=False never initializes a table
+        "recover",  # a caller an exception takes out of a call ends its claim or record at once
+        "reaper",  # each process's reaper thread reclaims what no live process takes part in
+        "lock-deadline",  # a caller with a timeout waits for the table lock no longer than it
+        "own-identity",  # a call of our pid is ours only with our start time and a live token
     }
 )
 

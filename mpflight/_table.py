@@ -112,7 +112,9 @@ class LocalCall:
 class Table:
     """A mapped table and its lock. ``with table:`` holds the lock and repairs what a dead holder left."""
 
-    def __init__(self, group: str, *, slots: int | None, mode: int | None, create: bool) -> None:
+    def __init__(
+        self, group: str, *, slots: int | None, mode: int | None, create: bool, deadline: float | None = None
+    ) -> None:
         self.group = group
         self.file = TableFile(group, create=create, mode=DEFAULT_MODE if mode is None else mode)
         # The table's mode and group are the file's own (fstat), whatever this handle asked for: every
@@ -126,7 +128,7 @@ class Table:
                     f"mpflight table {group!r} ({self.file.path}) has mode {self.file.mode:#o}, not "
                     f"{mode:#o}: omit mode= to adopt the table's, or unlink it to make it anew with another"
                 )
-            self.geo = self._initialize_or_check(slots, create)
+            self.geo = self._initialize_or_check(slots, create, deadline)
             self.mm = self.file.map(self.geo.size)
         except BaseException:
             if self.file.created and "space-errors" not in _faults.DISABLED:
@@ -169,7 +171,7 @@ class Table:
 
     # -- creation ------------------------------------------------------------------------------
 
-    def _initialize_or_check(self, slots: int | None, create: bool) -> Geometry:
+    def _initialize_or_check(self, slots: int | None, create: bool, deadline: float | None) -> Geometry:
         """Under the lock: initialize the table if nobody finished doing so, else check its geometry.
 
         Whoever takes the lock first initializes; a creator that died halfway left ``ready`` at 0,
@@ -179,7 +181,7 @@ class Table:
         f = self.file
         hold = f.lock.hold()
         try:
-            f.lock.acquire(hold)
+            f.lock.acquire(hold, deadline)
             size = f.size()
             if size >= HEADER_SIZE:
                 with mmap.mmap(f.fd, HEADER_SIZE) as head:

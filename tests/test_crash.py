@@ -109,7 +109,7 @@ def test_without_the_owner_check_waiters_of_a_dead_owner_hang(name: str, tmp_pat
         assert waiter.wait(DEADLINE) == 0
         proc.join(DEADLINE)
         assert outcome(out)["kind"] == "TimeoutError"
-        assert group.gc()["calls"] == 1
+        wait_until(lambda: group.inflight() == [], "the dead call, nobody's now, to be reclaimed")
 
 
 def test_check_interval_is_a_group_option(name: str, tmp_path: Path) -> None:
@@ -263,7 +263,8 @@ def test_waiter_killed_at_each_step(name: str, tmp_path: Path, step: str, factor
         if step != "leave":
             assert victim.wait(DEADLINE) == -signal.SIGKILL
         thread, box = join_in_thread(group, "k")
-        wait_until(lambda: waiting(group, "k") == (2 if step in ("join", "leave") else 1), "the waiters")
+        # A victim killed at join left a record of a dead process, which inflight() reclaims at once.
+        wait_until(lambda: waiting(group, "k") == (2 if step == "leave" else 1), "the waiters")
         gate.open()
         thread.join(DEADLINE)
         proc.join(DEADLINE)
@@ -336,13 +337,10 @@ def test_a_waiter_killed_while_blocked(name: str, tmp_path: Path) -> None:
         proc.join(DEADLINE)
         assert box[0].value == workers.FACTORIES["big"]()
         assert outcome(out)["value"] == workers.describe(box[0].value)
-        [call] = group.inflight()
-        assert (call.state, call.waiters) == ("done", 1)  # the dead one, until reclaimed
-        assert (
-            run_worker("gc", name, str(tmp_path / "gc"), MPFLIGHT_TEST_DISABLE="dead-waiters")["waiters"] == 0
-        )
-        assert group.gc() == {"calls": 0, "waiters": 1, "segments": 0}
-        assert group.inflight() == []
+        # The dead one's record (and with it the outcome and its segment) is reclaimed with no gc():
+        # by this idle process's reaper, or by inflight() itself. tests/test_reliability.py shows it
+        # stays without the reaper or the dead-waiters mechanism.
+        wait_until(lambda: group.inflight() == [], "the dead waiter's record to go")
         assert table_problems(group) == []
 
 

@@ -232,7 +232,7 @@ def test_without_the_mode_check_a_reader_holds_the_lock(name: str, monkeypatch: 
         attacker = Child(ATTACKER, _hold_lock_read_only, f"/dev/shm/mpf2@{name}", locked, release)
         assert locked.wait(DEADLINE)
         with pytest.raises(BlockingIOError):
-            fcntl.flock(group._table().fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(group._table().file.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         release.set()
         assert attacker.value() is True
 

@@ -1,0 +1,430 @@
+"""Issue 9's reliability points: deadlines bound the table lock, close() against calls in flight, "is
+this me" by identity, and nothing dead lingers in a quiet table (each process's reaper).
+
+Each mechanism's test also runs with it switched off (MPFLIGHT_TEST_DISABLE, read at import, so that
+side runs in a child process) and shows the failure it prevents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mpflight
+from mpflight import _layout
+from mpflight._locks import object_name
+from tests import workers
+from tests.conftest import shm_entries
+from tests.helpers import DEADLINE, ROOT, Gate, join_in_thread, remote_owner, wait_until, waiting
+
+pytestmark = pytest.mark.timeout(90)
+
+# How long a test lets a call that must not finish run before it calls it blocked. Only the side with
+# a mechanism switched off waits this long; it bounds nothing else.
+BLOCKED_FOR = 3.0
+
+
+def child(code: str, *, disabled: str = "", **popen: Any) -> subprocess.Popen[str]:
+    """A fresh interpreter running ``code`` (mpflight imported after the environment is set)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPFLIGHT_TEST_DISABLE=disabled)
+    popen.setdefault("stdout", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, text=True, **popen)
+
+
+def hold_lock(name: str, tmp_path: Path, *, stop: bool) -> subprocess.Popen[str]:
+    """A process that takes the table lock and keeps it (SIGSTOPped, when ``stop``) until killed."""
+    ready = tmp_path / "locked"
+    code = (
+        "import fcntl, os, signal, sys, time\n"
+        f"fd = os.open('/dev/shm/{object_name(name).lstrip('/')}', os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        f"if {stop}: os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "time.sleep(120)\n"
+    )
+    proc = child(code, stdout=subprocess.DEVNULL)
+    wait_until(ready.exists, "the lock holder")
+    return proc
+
+
+def release(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.communicate(timeout=DEADLINE)
+
+
+# -- 4. timeouts bound everything, the table lock included ---------------------------------------------
+
+
+@pytest.mark.parametrize("disabled", ["", "lock-deadline"])
+def test_a_stopped_lock_holder_cannot_keep_a_timed_call(name: str, tmp_path: Path, disabled: str) -> None:
+    """A process SIGSTOPped while it holds the table lock: Group(timeout=1).do() raises TimeoutError
+    at its deadline instead of waiting for as long as the holder stays stopped; so does attaching."""
+    mpflight.Group(name).close()
+    caller = child(
+        "import json, sys, time, mpflight\n"
+        f"g = mpflight.Group({name!r}, timeout=1)\n"
+        "print('attached', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "outcomes = []\n"
+        "for call in (lambda: g.do('unrelated', int),):\n"
+        "    began = time.monotonic()\n"
+        "    try:\n        call()\n        outcomes.append(['returned', 0])\n"
+        "    except TimeoutError as e:\n        outcomes.append([type(e).__name__, time.monotonic() - began])\n"
+        "print(json.dumps(outcomes))\n",
+        disabled=disabled,
+        stdin=subprocess.PIPE,
+    )
+    assert caller.stdout is not None and caller.stdin is not None
+    assert caller.stdout.readline() == "attached\n"
+    holder = hold_lock(name, tmp_path, stop=True)
+    try:
+        caller.stdin.write("go\n")
+        caller.stdin.flush()
+        if disabled:
+            with pytest.raises(subprocess.TimeoutExpired):
+                caller.wait(BLOCKED_FOR)  # blocked behind the stopped holder
+            caller.kill()
+            caller.communicate(timeout=DEADLINE)
+            return
+        out, _ = caller.communicate(timeout=DEADLINE)
+        [(kind, elapsed)] = json.loads(out)
+        assert kind == "TimeoutError"
+        assert elapsed < DEADLINE  # it did not wait for the holder, which never lets go
+        attach = child(
+            f"import mpflight\ntry:\n mpflight.Group({name!r}, timeout=1)\nexcept TimeoutError: print('timeout')"
+        )
+        assert attach.communicate(timeout=DEADLINE)[0] == "timeout\n"  # attaching is bounded too
+    finally:
+        release(holder)
+
+
+def test_an_owner_gets_its_value_though_the_lock_is_held_past_its_deadline(name: str, tmp_path: Path) -> None:
+    """fn returned while a stopped process holds the lock: the owner's caller gets the value at its
+    deadline, and the publication its waiter needs is finished in the background once the lock frees."""
+    gate = Gate(tmp_path)
+    with mpflight.Group(name, timeout=1) as group:
+        owner = group.do_future("k", workers.held, gate.gate, gate.runs, "the value")
+        wait_until(lambda: gate.executions() == 1, "the owner in fn")
+        waiter = child(
+            f"import json, mpflight\ng = mpflight.Group({name!r})\nprint(json.dumps(g.do_ex('k', int)))\n"
+        )
+        wait_until(lambda: waiting(group, "k") == 1, "a waiter in another process")
+        holder = hold_lock(name, tmp_path, stop=True)
+        try:
+            gate.open()
+            assert owner.result(DEADLINE) == ("the value", True)  # at the deadline, not when the lock frees
+            assert waiter.poll() is None  # its outcome is not published yet: the lock is still held
+        finally:
+            release(holder)
+        out, _ = waiter.communicate(timeout=DEADLINE)
+        assert json.loads(out) == ["the value", True]
+
+
+def test_a_long_wait_for_the_lock_is_logged_once_with_the_holder(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(mpflight._group, "LONG_LOCK_WAIT", 0.3)
+    caplog.set_level(logging.WARNING, logger="mpflight")
+    with mpflight.Group(name) as group:
+        group.do("warm", int)  # the reaper runs from the first call on
+        holder = hold_lock(name, tmp_path, stop=False)
+        try:
+            thread = threading.Thread(target=group.do, args=("k", int))
+            thread.start()
+            wait_until(lambda: "waited" in caplog.text, "the warning")
+        finally:
+            release(holder)
+        thread.join(DEADLINE)
+    warnings = [r.getMessage() for r in caplog.records if "waited" in r.getMessage()]
+    assert len(warnings) == 1 and f"pid {holder.pid}" in warnings[0], warnings
+
+
+# -- 5. close() against calls in flight ------------------------------------------------------------------
+
+
+def test_close_racing_calls_never_leaks_a_call(name: str) -> None:
+    """Threads keep calling while the handle they use is closed under them: each call finishes or
+    raises the closed-handle ValueError, and no call of this process is left in the table."""
+    errors: list[BaseException] = []
+    for _ in range(50):
+        group = mpflight.Group(name)
+        stop = threading.Event()
+
+        def hammer(group: mpflight.Group = group, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                try:
+                    group.do("k", int)
+                except ValueError as e:
+                    if "closed" not in str(e):
+                        errors.append(e)
+                    return
+                except BaseException as e:
+                    errors.append(e)
+                    return
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        group.close()
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+    assert errors == []
+    with mpflight.Group(name) as group:
+        assert group.inflight() == []
+        assert group.do("k", lambda: "fresh") == "fresh"
+
+
+def _orphan(group: mpflight.Group, key: str, tid: int) -> None:
+    """Leave in the table what a caller of this process leaves when an exception takes it out of do()
+    between its claim and fn: a RUNNING call of ours, nobody responsible for it, named after ``tid``."""
+    t = group._table()
+    token = mpflight._group._Token()
+    role, _, _, _ = group._enter(t, key, tid, token, None, True)
+    assert role == mpflight._group._OWN
+    del token  # gone: what an interrupted caller leaves
+
+
+@pytest.mark.parametrize("disabled", ["", "own-identity"])
+def test_a_reused_thread_ident_is_not_the_owner(name: str, disabled: str) -> None:
+    """A call left by a thread that is gone names a thread ident that a new thread reuses: the new
+    thread's call for the key runs fn instead of raising DeadlockError."""
+    code = (
+        "import json, threading, mpflight\n"
+        "from tests.test_reliability import _orphan\n"
+        f"g = mpflight.Group({name!r})\n"
+        "_orphan(g, 'k', threading.get_ident())\n"
+        "try:\n    print(json.dumps(g.do('k', lambda: 'ran')))\n"
+        "except mpflight.DeadlockError as e:\n    print(json.dumps(type(e).__name__))\n"
+    )
+    out, _ = child(code, disabled=disabled).communicate(timeout=DEADLINE)
+    assert json.loads(out) == ("DeadlockError" if disabled else "ran")
+
+
+@pytest.mark.parametrize("disabled", ["", "own-identity"])
+def test_a_reused_pid_is_not_ourselves(name: str, tmp_path: Path, disabled: str) -> None:
+    """A call whose owner had this process's pid and another start time (its pid was reused): this
+    process's call for the key is not refused as its own."""
+    proc, gate, _ = remote_owner(name, "k", "value", tmp_path)
+    code = (
+        "import json, os, threading, mpflight\n"
+        "from mpflight import _layout\n"
+        f"g = mpflight.Group({name!r})\n"
+        "t = g._table()\n"
+        "with t:\n"
+        "    [i] = [i for i in range(t.slots) if t.states[i] == 1]\n"
+        "    off = t.slot_off(i)\n"
+        "    t.set_u32(off + _layout.S_OWNER_PID, os.getpid())\n"
+        "    t.mm[off + _layout.S_OWNER_TID : off + _layout.S_OWNER_TID + 8] = threading.get_ident().to_bytes(8, 'little')\n"
+        "try:\n    print(json.dumps(g.do('k', lambda: 'ran')))\n"
+        "except mpflight.DeadlockError as e:\n    print(json.dumps(type(e).__name__))\n"
+    )
+    try:
+        out, _ = child(code, disabled=disabled).communicate(timeout=DEADLINE)
+        assert json.loads(out) == ("DeadlockError" if disabled else "ran")
+    finally:
+        gate.open()
+        proc.join(DEADLINE)
+
+
+# -- 9. nothing dead lingers ------------------------------------------------------------------------------
+
+
+def _table_view(name: str) -> tuple[mmap.mmap, _layout.Geometry]:
+    """The table, mapped read-only by the test itself (no mpflight handle: no reaper of its own)."""
+    fd = os.open(f"/dev/shm/{object_name(name).lstrip('/')}", os.O_RDONLY)
+    try:
+        slots = int.from_bytes(os.pread(fd, 4, _layout.H_SLOTS), "little")
+        geo = _layout.Geometry.for_slots(slots)
+        return mmap.mmap(fd, geo.size, prot=mmap.PROT_READ), geo
+    finally:
+        os.close(fd)
+
+
+def _busy(name: str) -> tuple[int, int]:
+    """(slots not FREE, records in use), read without the lock."""
+    mm, geo = _table_view(name)
+    with mm:
+        states = mm[geo.state_map : geo.state_map + geo.slots]
+        records = mm[geo.record_map : geo.record_map + geo.records]
+    return geo.slots - states.count(0), geo.records - records.count(0)
+
+
+@pytest.mark.parametrize("disabled", ["", "reaper", "dead-waiters"])
+def test_a_killed_waiters_outcome_is_reclaimed_in_a_quiet_table(
+    name: str, tmp_path: Path, disabled: str
+) -> None:
+    """A waiter SIGKILLed while blocked on a call with a 16 MiB result: once the owner publishes, the
+    DONE slot and its segment go away within the deadline, with no traffic and no gc() (the idle
+    owner's reaper). The test process keeps no handle, so no reaper of its own helps."""
+    gate, quit_ = tmp_path / "gate", tmp_path / "quit"
+    owner = child(
+        "import os, sys, time, mpflight\n"
+        "from tests import workers\n"
+        f"g = mpflight.Group({name!r})\n"
+        f"g.do('k', workers.held, {str(gate)!r}, {str(tmp_path / 'runs')!r}, b'x' * (16 << 20))\n"
+        "print('returned', flush=True)\n"
+        f"while not os.path.exists({str(quit_)!r}):\n    time.sleep(0.01)\n",
+        disabled=disabled,
+    )
+    wait_until((tmp_path / "runs").exists, "the owner in fn")
+    victim = child(f"import mpflight\nmpflight.Group({name!r}).do('k', int)\n", disabled=disabled)
+    wait_until(lambda: _busy(name)[1] == 1, "the victim to wait")
+    release(victim)
+    gate.touch()
+    assert owner.stdout is not None and owner.stdout.readline() == "returned\n"
+    try:
+        if disabled:
+            time.sleep(BLOCKED_FOR)  # the side without the mechanism: nothing reclaims it
+            assert _busy(name) == (1, 1) and [e for e in shm_entries(name) if "@r" in e]
+            mpflight.unlink(name)  # the segment would outlive the test
+        else:
+            wait_until(lambda: _busy(name) == (0, 0), "the reaper to free the slot", deadline=10)
+            assert [e for e in shm_entries(name) if "@r" in e] == []
+    finally:
+        quit_.touch()
+        owner.communicate(timeout=DEADLINE)
+
+
+def test_inflight_lists_only_calls_with_a_live_participant(name: str, tmp_path: Path) -> None:
+    dead, _, _ = remote_owner(name, "dead", "value", tmp_path)
+    live, gate, _ = remote_owner(name, "live", "value", tmp_path)
+    dead.kill()
+    dead.join(DEADLINE)
+    with mpflight.Group(name) as group:
+        assert [c.key for c in group.inflight()] == ["live"]
+        gate.open()
+        live.join(DEADLINE)
+        wait_until(lambda: group.inflight() == [], "the live call to end")
+
+
+@pytest.mark.parametrize("disabled", ["", "recover"])
+def test_a_cancelled_do_async_waiter_drops_its_record_at_once(
+    name: str, tmp_path: Path, disabled: str
+) -> None:
+    """A do_async waiter cancelled (as Ctrl-C under asyncio.run cancels it) leaves at once, not when
+    its wait thread next looks (here: a check interval far longer than the test)."""
+    proc, gate, _ = remote_owner(name, "k", "value", tmp_path)
+    code = (
+        "import asyncio, json, mpflight\n"
+        "from tests.helpers import wait_until, waiting\n"
+        f"g = mpflight.Group({name!r}, check_interval=300)\n"
+        "async def main():\n"
+        "    task = asyncio.ensure_future(g.do_async('k', int))\n"
+        "    while waiting(g, 'k') != 1:\n        await asyncio.sleep(0.005)\n"
+        "    task.cancel()\n"
+        "    try:\n        await task\n    except asyncio.CancelledError:\n        pass\n"
+        "    return [c.waiters for c in g.inflight()]\n"
+        "print(json.dumps(asyncio.run(main())))\n"
+    )
+    try:
+        out, _ = child(code, disabled=disabled).communicate(timeout=DEADLINE)
+        assert json.loads(out) == ([1] if disabled else [0])
+    finally:
+        gate.open()
+        proc.join(DEADLINE)
+
+
+def _interrupted() -> None:
+    raise KeyboardInterrupt
+
+
+def test_aborts_count_fn_left_by_keyboard_interrupt(name: str) -> None:
+    with mpflight.Group(name) as group:
+        with pytest.raises(KeyboardInterrupt):
+            group.do("k", _interrupted)
+        stats = group.stats()
+    assert (stats["runs"], stats["aborts"], stats["errors"]) == (1, 1, 0)
+
+
+def test_the_counters_sum_up(name: str, tmp_path: Path) -> None:
+    """calls = runs + joins + fallbacks, over runs, joins, errors, aborts, timeouts and fallbacks;
+    and each counter equals what this test made happen."""
+    made = 0
+    with mpflight.Group(name, slots=1, timeout=0.3) as group:
+        for _ in range(3):
+            group.do("plain", int)
+        made += 3
+        with pytest.raises(ValueError):
+            group.do("error", int, "not a number")
+        made += 1
+        with pytest.raises(KeyboardInterrupt):
+            group.do("abort", _interrupted)
+        made += 1
+        proc, gate, _ = remote_owner(name, "held", "value", tmp_path, slots=1)
+        made += 1  # the remote owner's call
+        thread, box = join_in_thread(group, "held")
+        wait_until(lambda: bool(box), "the joiner to give up")  # timeout 0.3 s: it times out
+        thread.join(DEADLINE)
+        made += 1
+        assert isinstance(box[0], TimeoutError)
+        assert group.do("other", lambda: "alone") == "alone"  # the one slot is taken: a fallback
+        made += 1
+        gate.open()
+        proc.join(DEADLINE)
+        stats = group.stats()
+    assert stats["calls"] == stats["runs"] + stats["joins"] + stats["fallbacks"] == made
+    assert (stats["runs"], stats["joins"], stats["fallbacks"]) == (6, 1, 1)
+    assert (stats["errors"], stats["aborts"], stats["timeouts"], stats["shared"]) == (1, 1, 1, 0)
+
+
+def test_a_sigint_caught_by_the_app_leaves_nothing(name: str, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) delivered while a process's main thread owns a call that another process waits
+    on: the app catches KeyboardInterrupt and lives on; the waiter gets AbortError, the process's next
+    call works, and nothing of it stays in the table."""
+    ready = tmp_path / "ready"
+    code = (
+        "import json, os, time, mpflight\n"
+        f"g = mpflight.Group({name!r})\n"
+        "def slow():\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    time.sleep(60)\n"
+        "try:\n    g.do('k', slow)\nexcept KeyboardInterrupt:\n    pass\n"
+        "print(json.dumps([g.do('k', lambda: 'next'), [c.key for c in g.inflight()]]), flush=True)\n"
+    )
+    owner = child(code)
+    wait_until(ready.exists, "the owner in fn")
+    with mpflight.Group(name) as group:
+        thread, box = join_in_thread(group, "k")
+        wait_until(lambda: waiting(group, "k") == 1, "a waiter")
+        owner.send_signal(signal.SIGINT)
+        out, _ = owner.communicate(timeout=DEADLINE)
+        thread.join(DEADLINE)
+        assert json.loads(out) == ["next", []]
+        assert isinstance(box[0], mpflight.AbortError)
+        assert group.inflight() == []
+
+
+def test_asyncio_owner_cancelled_by_loop_shutdown_aborts(name: str) -> None:
+    """An asyncio owner whose loop is shut down mid-fn (asyncio.run on Ctrl-C cancels every task):
+    the call ends as an abort, and the table holds nothing of it."""
+
+    async def main(group: mpflight.Group) -> None:
+        started = asyncio.Event()
+
+        async def slow() -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        task = asyncio.ensure_future(group.do_async("k", slow))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with mpflight.Group(name) as group:
+        asyncio.run(main(group))
+        wait_until(lambda: group.inflight() == [], "the owner's call to end")
+        assert group.stats()["aborts"] == 1
