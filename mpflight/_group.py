@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from fcntl import LOCK_UN, flock
+from fcntl import LOCK_EX, LOCK_NB, LOCK_UN, flock
 from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import _codec, _faults, _owner
@@ -595,7 +595,10 @@ class Group:
                 if kind >= 0:
                     raw = key.encode("utf-8", "surrogatepass") if kind == KEY_STR else key  # type: ignore[union-attr]
                     if len(raw) <= KEY_CAP:
-                        used = _use(t, token)
+                        used = t  # _use, inline: the finally's discard is harmless if the add never ran
+                        t.active.add(token)
+                        if t.closed:
+                            raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
                         claimed = self._claim_if_free(t, kind, raw, token, deadline)  # type: ignore[arg-type]
             if claimed is not None:
                 assert t is not None
@@ -631,7 +634,9 @@ class Group:
             raise
         finally:
             if used is not None:
-                _left(used, token)
+                used.active.discard(token)  # _left, inline
+                if not used.refs and not used.active:
+                    _close_unused(used)
 
     def _recover(self, t: Table, token: _Token, deadline: float | None = None) -> None:
         """End what the table registers under ``token``: after an exception left a call early (an
@@ -682,12 +687,20 @@ class Group:
     def _free_if_alone(self, t: Table, index: int, gen: int, deadline: float | None) -> bool:
         """The uncontended end of ``do``: when nobody joined the call, free its slot in one short hold
         of the lock. False leaves everything to _complete (someone joined, or the table needs repair)."""
-        hold = t.lock.hold()
+        try:
+            hold = t.lock.local.hold
+        except AttributeError:
+            hold = t.lock.hold()
         try:
             try:
-                t.lock.acquire(hold, deadline)
-            except LockTimeout:
-                return False  # _complete defers the rest
+                if hold.fd != hold.own:
+                    raise BlockingIOError
+                flock(hold.fd, LOCK_EX | LOCK_NB)  # TableLock.acquire's first step, inline
+            except BlockingIOError:
+                try:
+                    t.lock.acquire(hold, deadline)
+                except LockTimeout:
+                    return False  # _complete defers the rest
             mm, u32s, base = t.mm, t.u32s, index * U32S
             if (
                 mm[H_DIRTY]
@@ -720,9 +733,17 @@ class Group:
         general path (_enter), which handles everything else.
         """
         home = zlib.crc32(raw, kind) % t.slots
-        hold = t.lock.hold()
         try:
-            t.lock.acquire(hold, deadline)
+            hold = t.lock.local.hold
+        except AttributeError:
+            hold = t.lock.hold()
+        try:
+            try:
+                if hold.fd != hold.own:
+                    raise BlockingIOError
+                flock(hold.fd, LOCK_EX | LOCK_NB)  # TableLock.acquire's first step, inline
+            except BlockingIOError:
+                t.lock.acquire(hold, deadline)
             mm = t.mm
             index = -1
             # A joinable call of this very key means joining it, and a dirty table repair: both are

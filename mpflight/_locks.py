@@ -379,11 +379,11 @@ class TableLock:
     unlocking a description that holds nothing is harmless.
     """
 
-    __slots__ = ("_fd", "_local", "waits")
+    __slots__ = ("_fd", "local", "waits")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._local = threading.local()
+        self.local = threading.local()  # .hold: this thread's Hold
         # Threads blocked without a deadline, and since when (monotonic): the reaper logs long waits.
         self.waits: dict[int, float] = {}
 
@@ -393,9 +393,9 @@ class TableLock:
     def hold(self) -> Hold:
         """This thread's Hold, made on its first use of the lock."""
         try:
-            hold: Hold = self._local.hold
+            hold: Hold = self.local.hold
         except AttributeError:
-            hold = self._local.hold = Hold(self._open())
+            hold = self.local.hold = Hold(self._open())
         return hold
 
     def acquire(self, hold: Hold, deadline: float | None = None) -> None:

@@ -388,6 +388,7 @@ class Table:
             self.unjoin(index)
         self.states[index] = FREE
         self.local.pop((index, gen), None)
+        self.owners.pop((index, gen), None)
         if self.mm[off + S_RESULT_WHERE] == RESULT_SEGMENT:
             return self.segment(index)
         return None

@@ -104,4 +104,4 @@ def test_captured_inspect_output_matches_the_command() -> None:
     assert headers
     assert all(h == header for h in headers)
     tables = re.findall(r"^table (\S+): (\d+) slots, (\d+) in flight$", captured, re.M)
-    assert tables == [("thumbnails", "1024", "3"), ("thumbnails", "1024", "1")]
+    assert tables == [("thumbnails", "1024", "2"), ("thumbnails", "1024", "1")]
