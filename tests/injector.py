@@ -104,7 +104,7 @@ def _ours(code: CodeType) -> bool:
 class Injector:
     """Count the delivery points in mpflight frames (target None), or raise ``exc`` at ``target``.
 
-    ``install()`` traces the calling thread and every thread started until ``uninstall()``;
+    ``install()`` traces every thread started until ``uninstall()`` (run the call in one);
     ``paused`` (set by the test's fn) keeps the points of mpflight calls that fn makes out of it.
     """
 
@@ -125,15 +125,12 @@ class Injector:
     # -- installation --------------------------------------------------------------------------
 
     def install(self) -> None:
+        """Trace every thread started from now on (the caller's thread is started after this)."""
         self.armed = True
         threading.settrace(self._global)
         threading.setprofile(self._profile)
-        sys.setprofile(self._profile)
-        sys.settrace(self._global)
 
     def uninstall(self) -> None:
-        sys.settrace(None)
-        sys.setprofile(None)
         threading.settrace(None)  # type: ignore[arg-type]
         threading.setprofile(None)  # type: ignore[arg-type]
         self.armed = False
