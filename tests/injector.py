@@ -130,9 +130,15 @@ class Injector:
         threading.settrace(self._global)
         threading.setprofile(self._profile)
 
-    def uninstall(self) -> None:
+    def uninstall(self, disarm: bool = True) -> None:
+        """Trace no more new threads; with ``disarm`` False, the threads traced so far keep their points
+        (a call still running in one may yet reach the target): ``disarm()`` later."""
         threading.settrace(None)  # type: ignore[arg-type]
         threading.setprofile(None)  # type: ignore[arg-type]
+        if disarm:
+            self.disarm()
+
+    def disarm(self) -> None:
         self.armed = False
         self._last.clear()
         self._c_returned.clear()

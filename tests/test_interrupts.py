@@ -41,9 +41,10 @@ CLEANUP_GRACE = 2.0
 # Bounds every wait of a run for the other process or a future (a hang fails here; not a speed target).
 # Also the Group timeout of both processes, so that a waiter left on a call nobody runs reports it.
 HANG_DEADLINE = 3.0
-# How long a run waits for the other process's outcome before judging it later, at the end of the test
+# How long a run waits for its call to return and for the other process's outcome before judging it later,
+# at the end of the test
 # (a wait on state; its length decides only when a slow run is judged, never whether it passes).
-QUICK = 0.5
+QUICK = 0.1
 
 
 class Injected(BaseException):
@@ -215,6 +216,7 @@ class Run:
     expect: str | None = None  # the peer's reply this run waits for: "joined" or "owned"
     hung: str | None = None  # a wait of the caller that did not end within HANG_DEADLINE
     future: Future[Any] | None = None  # do_future's, while it is not resolved
+    caller: threading.Thread | None = None  # the caller's thread, while the call has not returned
 
 
 @dataclass
@@ -297,6 +299,10 @@ def _next_call_problem(group: mpflight.Group, key: str) -> str | None:
 
 def judge(s: Scenario, run: Run) -> None:
     """The checks after a run: at once where they pass at once, else at the end of the test."""
+    if run.caller is not None:  # still inside the call: judge it all at the end
+        s.pending.append(Pending(s.group, run, time.monotonic(), [], None))
+        s.fresh_table()
+        return
     problem = _caller_problem(s, run)
     if problem:
         s.fail(run, problem)
@@ -335,6 +341,16 @@ def settle(s: Scenario) -> None:
     """Judge the runs that did not pass at once, after their grace periods."""
     for p in s.pending:
         run = p.run
+        if run.caller is not None:
+            run.caller.join(max(0.0, p.at + HANG_DEADLINE - time.monotonic()))
+            run.inj.disarm()
+            if run.caller.is_alive():
+                s.fail(run, f"the call did not return within {HANG_DEADLINE} s: it deadlocked")
+                continue
+            problem = _caller_problem(s, run)
+            if problem:
+                s.fail(run, problem)
+            p.locks = lock_problems(p.group)
         if p.locks:
             s.fail(run, "; ".join(p.locks))
             continue  # the table's lock is taken for good: nothing more can be read from it
@@ -422,12 +438,13 @@ def _sync(s: Scenario, run: Run, call: Callable[[], object]) -> None:
         except BaseException as e:
             run.outcome = e
 
-    with run.inj:
-        caller = threading.Thread(target=body, name="caller", daemon=True)
-        caller.start()
-        caller.join(HANG_DEADLINE)
-        if caller.is_alive():
-            run.hung = f"the call did not return within {HANG_DEADLINE} s: it deadlocked"
+    run.inj.install()
+    caller = threading.Thread(target=body, name="caller", daemon=True)
+    caller.start()
+    caller.join(QUICK)
+    if caller.is_alive():
+        run.caller = caller  # judged at the end of the test, its points still armed until then
+    run.inj.uninstall(disarm=run.caller is None)
 
 
 def path_do(s: Scenario, run: Run) -> None:
@@ -558,6 +575,10 @@ def _one_run(s: Scenario, index: int, target: Point | None) -> Run:
 
 
 @pytest.mark.timeout(60)
+# An exception between making do_async's owner coroutine and scheduling it leaves it never awaited: the
+# slot checks report what that leaves; the warning at its collection is not this test's failure.
+@pytest.mark.filterwarnings("ignore:coroutine 'Group._own_async' was never awaited:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(("path", "exc"), CASES)
 def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
     name: str, peer: Peer, path: str, exc: type[BaseException]
@@ -571,15 +592,18 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
         assert not s.failures, f"the dry run of {path} failed: {s.failures}"
         points = dry.inj.points
         assert points, f"the dry run of {path} passed no delivery point"
+        runs = []
         for i, point in enumerate(points, 1):
-            run = _one_run(s, i, point)
+            runs.append(_one_run(s, i, point))
+            judge(s, runs[-1])
+        settle(s)
+        for run in runs:
             if run.inj.fired is None:
-                s.not_reached.append(point.where())
+                assert run.inj.target is not None
+                s.not_reached.append(run.inj.target.where())
             else:
                 role = _thread_role(run.inj.fired_in)
                 s.fired_in[role] = s.fired_in.get(role, 0) + 1
-            judge(s, run)
-        settle(s)
     finally:
         for n in s.names:
             mpflight.unlink(n)

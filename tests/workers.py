@@ -318,6 +318,42 @@ def chaos(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
             os.close(fd)
 
 
+def chaos_interrupted(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
+    """As ``chaos``, in a worker that the test also sends SIGINTs: it catches each KeyboardInterrupt and
+    goes on calling, as a server that survives its signals does. A line {"kind": "interrupted", "n": N}
+    counts the KeyboardInterrupts caught since the previous line.
+    """
+    arm()
+    rng = random.Random(seed)
+    interrupts = 0
+    with mpflight.Group(name, timeout=timeout) as group:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            while not os.path.exists(stop):
+                try:
+                    if interrupts:
+                        os.write(fd, (json.dumps({"kind": "interrupted", "n": interrupts}) + "\n").encode())
+                        interrupts = 0
+                    key = rng.choice(CHAOS_KEYS)
+                    line: dict[str, object] = {"key": key}
+                    try:
+                        value, shared = group.do_ex(key, _chaos_fn, key, rng)
+                        line.update(kind="value", value=value, shared=shared)
+                    except Exception as e:
+                        line.update(kind="error", type=_type_name(e), args=[repr(a) for a in e.args])
+                        if isinstance(e, mpflight.AbortError):
+                            line["error_key"] = e.key
+                        elif not isinstance(e, ValueError | TimeoutError):
+                            line["traceback"] = traceback.format_exc()
+                    data = (json.dumps(line) + "\n").encode()
+                    if os.write(fd, data) != len(data):
+                        raise RuntimeError(f"short write to {log}")
+                except KeyboardInterrupt:
+                    interrupts += 1
+        finally:
+            os.close(fd)
+
+
 def chaos_fresh(name: str, out: str, timeout: float) -> None:
     """Call every chaos key once, alone; write {key: [value, shared]} (or [error type, message]) to out."""
     arm()
