@@ -329,8 +329,10 @@ def chaos_interrupted(name: str, log: str, seed: int, stop: str, timeout: float)
     with mpflight.Group(name, timeout=timeout) as group:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
-            while not os.path.exists(stop):
-                try:
+            while True:
+                try:  # the whole iteration, its loop test included: a SIGINT may land anywhere in it
+                    if os.path.exists(stop):
+                        break
                     if interrupts:
                         os.write(fd, (json.dumps({"kind": "interrupted", "n": interrupts}) + "\n").encode())
                         interrupts = 0
