@@ -12,6 +12,7 @@ logged MIN_CALLS calls. The killer's cadence is the only timing.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -85,6 +86,7 @@ class Crew:
     rng: random.Random
     everyone: list[Worker] = field(default_factory=list)
     current: list[Worker] = field(default_factory=list)
+    target: Any = workers.chaos
 
     @property
     def stop(self) -> Path:
@@ -93,7 +95,7 @@ class Crew:
     def start(self) -> None:
         log = self.tmp / f"worker-{len(self.everyone):04d}.jsonl"
         proc = mp_context("spawn").Process(
-            target=workers.chaos,
+            target=self.target,
             args=(self.name, str(log), self.rng.randrange(2**32), str(self.stop), TIMEOUT),
         )
         proc.start()
@@ -231,4 +233,134 @@ def test_kills_under_load_never_mix_keys_and_the_table_recovers(name: str, tmp_p
     # Nothing but the table and its semaphores is left in /dev/shm: no result segment.
     table = f"mpf{_layout.LAYOUT_VERSION}@{name}"
     assert [e for e in shm_entries(name) if e != table and not e.startswith(f"sem.{table}@s")] == []
+    print(f"seconds: {time.monotonic() - began:.1f}")
+
+
+# -- the same, with SIGINTs that the workers survive ------------------------------------------------------
+
+# The cadence of the SIGINTs between kills: one to a random worker every 0 to this many seconds.
+SIGINT_EVERY = 0.004
+# Every running worker logs a line (a call, or the interrupts it caught) at least this often; its calls
+# are bounded by TIMEOUT, so only a deadlock exceeds it. Not a speed target.
+PROGRESS_DEADLINE = 10.0
+# With every worker stopped, what survivors left must be gone within this, without gc().
+DRAIN_DEADLINE = 10.0
+
+
+def _dead_leftovers(group: mpflight.Group) -> list[str]:
+    """Calls whose owner is dead, and records of dead waiters: what only gc or housekeeping reclaims."""
+    import psutil
+
+    found = []
+    for c in group.inflight():
+        if not c.owner_alive:
+            found.append(f"{c.state} call of {c.key!r} by dead owner {c.owner_pid}")
+        found += [
+            f"record of dead waiter {pid} on {c.key!r}" for pid in c.waiter_pids if not psutil.pid_exists(pid)
+        ]
+    return found
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+def test_kills_and_survived_interrupts_under_load_leave_nothing_behind(name: str, tmp_path: Path) -> None:
+    """The chaos test, with SIGINTs on top of the SIGKILLs: workers catch each KeyboardInterrupt and go on.
+
+    After the run, kills stop first, and the workers' own housekeeping reclaims what the killed ones left
+    (the test calls no gc()); then the workers stop, and whatever is still in the table was left by a
+    process that survived its interrupts: inflight() must drain, and /dev/shm hold only the table and its
+    semaphores.
+    """
+    began = time.monotonic()
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    crew = Crew(name, tmp_path, random.Random(seed + 1), target=workers.chaos_interrupted)
+    kills = sigints = 0
+    progress: dict[int, tuple[int, float]] = {}  # pid -> (lines, when that count was first seen)
+
+    def check_progress() -> None:
+        now = time.monotonic()
+        for w in crew.current:
+            lines = w.calls()
+            seen = progress.get(w.proc.pid)
+            if seen is None or seen[0] != lines:
+                progress[w.proc.pid] = (lines, now)
+            else:
+                assert now - seen[1] < PROGRESS_DEADLINE, (
+                    f"worker {w.proc.pid} made no progress for {PROGRESS_DEADLINE} s (a deadlock?)"
+                )
+
+    def interrupt_until(until: float) -> int:
+        sent = 0
+        while time.monotonic() < until:
+            time.sleep(rng.random() * SIGINT_EVERY)
+            calling = [w for w in crew.current if w.calls() > 0]  # inside its loop's try: it survives
+            if calling:
+                w = rng.choice(calling)
+                if w.proc.exitcode is None:  # not reaped: its pid is still its own
+                    os.kill(w.proc.pid, signal.SIGINT)
+                    sent += 1
+        return sent
+
+    with mpflight.Group(name) as group:
+        try:
+            for _ in range(WORKERS):
+                crew.start()
+            wait_until(lambda: all(w.ready() for w in crew.current), "every worker to start calling")
+            end = time.monotonic() + RUN_DEADLINE
+            tick = time.monotonic()
+            while kills < MIN_KILLS or crew.calls() < MIN_CALLS:
+                assert time.monotonic() < end, f"{kills} kills, {crew.calls()} calls in {RUN_DEADLINE} s"
+                tick = max(tick + KILL_EVERY, time.monotonic())
+                sigints += interrupt_until(tick)
+                kills += crew.kill_one()
+                check_progress()
+            # No more kills: the survivors' housekeeping reclaims what the killed workers left.
+            drain_end = time.monotonic() + DRAIN_DEADLINE
+            while _dead_leftovers(group):
+                assert time.monotonic() < drain_end, (
+                    f"not reclaimed by housekeeping: {_dead_leftovers(group)}"
+                )
+                sigints += interrupt_until(time.monotonic() + KILL_EVERY)
+                check_progress()
+            crew.finish()
+        finally:
+            crew.reap()
+
+        tally = dict.fromkeys((*OUTCOMES, "shared", "torn", "interrupted"), 0)
+        bad = []
+        for w in crew.everyone:
+            records, torn = w.records()
+            tally["torn"] += torn
+            for rec in records:
+                if rec["kind"] == "interrupted":
+                    tally["interrupted"] += rec["n"]
+                    continue
+                kind = _classify(rec)
+                if kind is None:
+                    bad.append(rec)
+                else:
+                    tally[kind] += 1
+                    tally["shared"] += rec.get("shared") is True
+        calls = sum(tally[k] for k in OUTCOMES)
+        summary = {
+            "seed": seed,
+            "workers": len(crew.everyone),
+            "kills": kills,
+            "sigints": sigints,
+            "calls": calls,
+        }
+        print(f"interrupted chaos: {json.dumps(summary | tally)}")
+        assert not bad, f"{len(bad)} of {calls + len(bad)} calls ended wrongly: {bad[:5]}"
+        assert calls >= MIN_CALLS
+
+        # Every worker has exited: nothing of theirs may remain, and nobody runs gc.
+        try:
+            wait_until(lambda: not group.inflight(), "inflight() to drain without gc", DRAIN_DEADLINE)
+        except AssertionError:
+            raise AssertionError(
+                f"left in the table by processes that survived: {group.inflight()}"
+            ) from None
+        table = f"mpf{_layout.LAYOUT_VERSION}@{name}"
+        assert [e for e in shm_entries(name) if e != table and not e.startswith(f"sem.{table}@s")] == []
     print(f"seconds: {time.monotonic() - began:.1f}")

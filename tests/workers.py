@@ -318,6 +318,44 @@ def chaos(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
             os.close(fd)
 
 
+def chaos_interrupted(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
+    """As ``chaos``, in a worker that the test also sends SIGINTs: it catches each KeyboardInterrupt and
+    goes on calling, as a server that survives its signals does. A line {"kind": "interrupted", "n": N}
+    counts the KeyboardInterrupts caught since the previous line.
+    """
+    arm()
+    rng = random.Random(seed)
+    interrupts = 0
+    with mpflight.Group(name, timeout=timeout) as group:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            while True:
+                try:  # the whole iteration, its loop test included: a SIGINT may land anywhere in it
+                    if os.path.exists(stop):
+                        break
+                    if interrupts:
+                        os.write(fd, (json.dumps({"kind": "interrupted", "n": interrupts}) + "\n").encode())
+                        interrupts = 0
+                    key = rng.choice(CHAOS_KEYS)
+                    line: dict[str, object] = {"key": key}
+                    try:
+                        value, shared = group.do_ex(key, _chaos_fn, key, rng)
+                        line.update(kind="value", value=value, shared=shared)
+                    except Exception as e:
+                        line.update(kind="error", type=_type_name(e), args=[repr(a) for a in e.args])
+                        if isinstance(e, mpflight.AbortError):
+                            line["error_key"] = e.key
+                        elif not isinstance(e, ValueError | TimeoutError):
+                            line["traceback"] = traceback.format_exc()
+                    data = (json.dumps(line) + "\n").encode()
+                    if os.write(fd, data) != len(data):
+                        raise RuntimeError(f"short write to {log}")
+                except KeyboardInterrupt:
+                    interrupts += 1
+        finally:
+            os.close(fd)
+
+
 def chaos_fresh(name: str, out: str, timeout: float) -> None:
     """Call every chaos key once, alone; write {key: [value, shared]} (or [error type, message]) to out."""
     arm()
@@ -333,3 +371,73 @@ def chaos_fresh(name: str, out: str, timeout: float) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# -- the other process of tests/test_interrupts.py -----------------------------------------------------
+
+
+def interrupt_peer(conn: object, timeout: float) -> None:
+    """Join or own keys on command from the test, in a thread each, and send back every outcome.
+
+    Commands (tuples on the pipe): ("join", name, key) joins the call for key and replies
+    ("joined", key, kind, detail); ("own", name, key) runs fn for key, replying ("owning", key) once fn
+    runs, fn returning once a waiter is registered or ("release", key) came, then ("owned", key, kind,
+    value, shared); ("stop",) ends the process. ``timeout`` is the Group timeout: a waiter that would
+    hang reports TimeoutError instead.
+    """
+    import threading
+
+    from tests.helpers import waiting
+
+    groups: dict[str, mpflight.Group] = {}
+    releases: dict[str, threading.Event] = {}
+    send_lock = threading.Lock()
+
+    def reply(*msg: object) -> None:
+        with send_lock:
+            conn.send(msg)  # type: ignore[attr-defined]
+
+    def group(name: str) -> mpflight.Group:
+        with send_lock:
+            if name not in groups:
+                groups[name] = mpflight.Group(name, timeout=timeout)
+            return groups[name]
+
+    def join(name: str, key: str) -> None:
+        try:
+            res = group(name).do_ex(key, _never)
+            reply("joined", key, "value", res.value)
+        except mpflight.AbortError as e:
+            reply("joined", key, "AbortError", e.reason)
+        except Exception as e:
+            reply("joined", key, type(e).__name__, str(e))
+
+    def own(name: str, key: str) -> None:
+        release = releases.setdefault(key, threading.Event())
+        g = group(name)
+
+        def fn() -> str:
+            reply("owning", key)
+            deadline = time.monotonic() + CHILD_DEADLINE
+            while not release.is_set() and waiting(g, key) < 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nobody joined and no release came")
+                release.wait(0.001)
+            return f"owned:{key}"
+
+        try:
+            res = g.do_ex(key, fn)
+            reply("owned", key, "value", res.value, res.shared)
+        except Exception as e:
+            reply("owned", key, type(e).__name__, str(e), False)
+
+    while True:
+        msg = conn.recv()  # type: ignore[attr-defined]
+        arm()  # the peer lives for the whole test module: each command re-arms the hang bound
+        if msg[0] == "stop":
+            return
+        if msg[0] == "release":
+            releases.setdefault(msg[1], threading.Event()).set()
+            continue
+        target = {"join": join, "own": own}[msg[0]]
+        threading.Thread(target=target, args=msg[1:], daemon=True).start()
