@@ -398,10 +398,12 @@ def interrupt_peer(conn: object, timeout: float) -> None:
             conn.send(msg)  # type: ignore[attr-defined]
 
     def group(name: str) -> mpflight.Group:
-        with send_lock:
-            if name not in groups:
-                groups[name] = mpflight.Group(name, timeout=timeout)
-            return groups[name]
+        # Opened without holding a lock: opening a table whose flock the test process left held blocks
+        # this thread only, not every other command's reply.
+        g = groups.get(name)
+        if g is None:
+            g = groups.setdefault(name, mpflight.Group(name, timeout=timeout))
+        return g
 
     def join(name: str, key: str) -> None:
         try:
