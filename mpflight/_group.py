@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fcntl import LOCK_EX, LOCK_NB, LOCK_UN, flock
@@ -655,6 +655,30 @@ class Group:
             _reaper.defer(t, functools.partial(t.locked, self._end_orphans, t, token))
 
     @staticmethod
+    def _end_unregistered(t: Table) -> tuple[int, int]:
+        """Under the lock: end calls and records of this process that nobody here is registered for
+        (an exception came between the end of a registration and the end of what it registered)."""
+        me = _owner.identity()
+        calls = records = 0
+        for index in range(t.slots):
+            if t.states[index] not in (RUNNING, COMPLETING):
+                continue
+            gen = t.gen(index)
+            owner = (t.u32s[index * U32S + S_OWNER_PID // 4], t.u64s[index * U64S + S_OWNER_START // 8])
+            if owner == me and not _held(t.owners.get((index, gen))):
+                Group._abort(t, index, gen, "the owner left do() early (an exception interrupted it)")
+                calls += 1
+        base, end = t.geo.record_map, t.geo.record_map + t.records
+        r = t.mm.find(b"\1", base, end)
+        while r >= 0:
+            pid, slot, start, _, gen, _ = RECORD.unpack_from(t.mm, t.geo.record(r - base))
+            if (pid, start) == me and not _held(t.readers.get(r - base)):
+                Group._leave(t, slot, gen, r - base, None)
+                records += 1
+            r = t.mm.find(b"\1", r + 1, end)
+        return calls, records
+
+    @staticmethod
     def _end_orphans(t: Table, token: _Token | None) -> tuple[int, int]:
         """Under the lock: end the calls and records registered under ``token``, or (None) under a
         token that no longer exists. Returns how many calls and records."""
@@ -853,20 +877,23 @@ class Group:
         tid = id(task) if task is not None else threading.get_ident()
         token = _Token()
         t = _use(self._table_for(fn), token)
-        handed = False
+        owning: Coroutine[Any, Any, Result[Any]] | None = None
+        awaiting = False  # the caller awaits the runner: from then on the runner ends the call itself
         try:
             role, index, gen, record = self._enter(t, key, tid, token, deadline, False)
             if role == _ALONE:
                 return await self._call_async(asyncio.get_running_loop(), fn, args, kwargs)
             if role == _OWN:
-                handed = True
-                runner = asyncio.get_running_loop().create_task(
-                    self._own_async(t, index, gen, fn, args, kwargs, token, deadline)
-                )
+                owning = self._own_async(t, index, gen, fn, args, kwargs, token, deadline)
+                runner = asyncio.get_running_loop().create_task(owning)
                 t.tasks.add(runner)
                 runner.add_done_callback(t.tasks.discard)
                 runner.add_done_callback(_retrieve)
+                # However the runner ends (even if an exception came before its first line), nothing
+                # it claimed stays behind.
+                runner.add_done_callback(functools.partial(self._runner_done, t, token))
                 self._rename_owner(t, index, gen, id(runner))  # fn runs in the runner: re-entry is seen there
+                awaiting = True
                 return (await asyncio.shield(runner)).value
             waited: Future[Result[Any]] = Future()
             self._start_wait(t, waited, index, gen, record, key, token, deadline)
@@ -879,11 +906,22 @@ class Group:
                 self._recover(t, token, time.monotonic())
                 raise
         except BaseException:
-            if not handed:  # once made, the owner's runner ends the call itself
+            if not awaiting:  # the runner, if made, has not started (nothing awaited yet): end it here
+                if owning is not None:
+                    made = [task for task in asyncio.all_tasks() if task.get_coro() is owning]
+                    for task in made:
+                        task.cancel()
+                    if not made:
+                        owning.close()
                 self._recover(t, token, time.monotonic())
             raise
         finally:
             _left(t, token)
+
+    def _runner_done(self, t: Table, token: _Token, runner: asyncio.Task[Result[Any]]) -> None:
+        """An asyncio owner's runner ended: end what it left registered, if anything (it may have been
+        cancelled or interrupted before its first line)."""
+        self._recover(t, token, time.monotonic())
 
     async def _call_async(
         self, loop: asyncio.AbstractEventLoop, fn: Callable[..., object], args: tuple[object, ...],
@@ -898,8 +936,9 @@ class Group:
         kwargs: dict[str, object], token: _Token, deadline: float | None,
     ) -> Result[object]:  # fmt: skip
         """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
-        marker = _use(t, object())
+        marker = object()
         try:
+            _use(t, marker)
             try:
                 if inspect.iscoroutinefunction(fn):
                     value = await fn(*args, **kwargs)
@@ -1287,17 +1326,21 @@ class Group:
             self._post(t, index, waiters)
 
     def _published(self, t: Table, index: int, gen: int, where: int, length: int) -> int:
-        """Under the lock: the outcome is in place; DONE. Returns how many waiters to wake."""
-        t.owners.pop((index, gen), None)
+        """Under the lock: the outcome is in place; DONE. Returns how many waiters to wake.
+
+        The claim stays registered until DONE is written: an exception before that leaves it to
+        _recover, which aborts it."""
         off = t.geo.slot_base + index * SLOT_SIZE
         if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
             # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
+            t.owners.pop((index, gen), None)
             if where == RESULT_SEGMENT:
                 unlink_segment(t.segment(index))
             return 0
         t.mm[off + S_RESULT_WHERE] = where
         t.set_u32(off + S_RESULT_LEN, length)
         t.states[index] = DONE
+        t.owners.pop((index, gen), None)
         _faults.reached("publish")
         waiters = t.waiters_of(index)
         if waiters == 0:
@@ -1454,10 +1497,11 @@ class Group:
 
         ``began`` is when this thread began to wait; None when reclaiming a record that nobody left.
         """
-        t.readers.pop(record, None)
         if t.rmap[record] != 1:
+            t.readers.pop(record, None)
             return  # left already (reclaimed, or by a repair)
         t.rmap[record] = 0
+        t.readers.pop(record, None)  # after the record is gone: an exception before leaves it registered
         if _faults.FAULT:
             _faults.reached("leave")
         if began is not None:
@@ -1483,7 +1527,6 @@ class Group:
         state = t.states[index]
         if t.gen(index) != gen or state not in (RUNNING, COMPLETING):
             return
-        t.owners.pop((index, gen), None)
         off = t.slot_off(index)
         pid = t.u32(off + S_OWNER_PID)
         log.warning("mpflight table %r: call of key %s (owner %d) aborted: %s", t.group,
@@ -1495,6 +1538,7 @@ class Group:
         t.mm[off + S_RESULT_WHERE] = RESULT_INLINE
         t.set_u32(off + S_RESULT_LEN, len(payload))
         t.states[index] = DONE
+        t.owners.pop((index, gen), None)  # after DONE: an exception before leaves it registered
         t.bump(C_ABORTS)
         if state == COMPLETING:  # an owner may die while writing one; it named it in the slot first
             unlink_segment(t.segment(index))
@@ -1669,9 +1713,9 @@ class Group:
                 Group._leave(t, rec[1], rec[4], r, None)
                 reclaimed["waiters"] += 1
         if "recover" not in _faults.DISABLED:
-            calls, records = Group._end_orphans(t, None)
-            reclaimed["calls"] += calls
-            reclaimed["waiters"] += records
+            for calls, records in (Group._end_orphans(t, None), Group._end_unregistered(t)):
+                reclaimed["calls"] += calls
+                reclaimed["waiters"] += records
         # Under the lock: an owner must take it to become COMPLETING before it makes a segment, and
         # names the segment in its slot before making it. So, listing first and reading the names
         # after, a listed segment that no COMPLETING or DONE slot names now is an orphan.

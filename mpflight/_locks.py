@@ -340,11 +340,10 @@ class Hold:
     __slots__ = ("__weakref__", "fd", "own")
 
     def __init__(self, fd: int) -> None:
-        self.own = fd
-        self.fd = fd
+        self.own = self.fd = fd  # one statement: no interruption can come between the two
 
     def __del__(self) -> None:  # the thread ended (or forked away): its descriptions go with it
-        for fd in {self.fd, self.own}:
+        for fd in {getattr(self, "fd", -1), getattr(self, "own", -1)} - {-1}:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -427,31 +426,34 @@ class TableLock:
         if deadline <= time.monotonic():
             raise LockTimeout("gave up waiting for the table lock")
         request = _Request(self._open())
-        threading.Thread(target=_take_for, args=(request, hold), daemon=True, name="mpflight-lock").start()
         try:
-            if request.granted.wait(max(deadline - time.monotonic(), 0.0)):
-                return
+            threading.Thread(
+                target=_take_for, args=(request, hold), daemon=True, name="mpflight-lock"
+            ).start()
+            request.granted.wait(max(deadline - time.monotonic(), 0.0))
         finally:
             with request.mutex:
                 if hold.fd != request.fd:
-                    request.abandoned = True  # the helper unlocks and closes when it gets the lock
-        raise LockTimeout("gave up waiting for the table lock")
+                    request.abandoned = True  # the helper gives the lock back when it gets it
+        if hold.fd != request.fd:
+            raise LockTimeout("gave up waiting for the table lock")
 
 
 def _take_for(request: _Request, hold: Hold) -> None:
-    """In a helper thread: block in flock, then hand the lock to the waiting caller, or give it back."""
+    """In a helper thread: block in flock, then hand the lock to the waiting caller, or give it back.
+
+    Handing it over is the one store ``hold.fd = request.fd``: whatever else happens, the lock is
+    either the caller's (its region unlocks ``hold.fd``) or unlocked here."""
     try:
         fcntl.flock(request.fd, fcntl.LOCK_EX)
-    except OSError:
-        os.close(request.fd)
-        return
-    with request.mutex:
-        if not request.abandoned:
-            hold.fd = request.fd  # the caller's region unlocks this description now
-            request.granted.set()
-            return
-    fcntl.flock(request.fd, fcntl.LOCK_UN)
-    os.close(request.fd)
+        with request.mutex:
+            if not request.abandoned:
+                hold.fd = request.fd
+        request.granted.set()
+    finally:
+        if hold.fd != request.fd:
+            fcntl.flock(request.fd, fcntl.LOCK_UN)
+            os.close(request.fd)
 
 
 class Semaphores:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import inspect
 import itertools
 import sys
 import threading
@@ -98,7 +99,25 @@ def _handler(info: _CodeInfo, offset: int) -> tuple[int, int, bool] | None:
 
 
 def _ours(code: CodeType) -> bool:
-    return code.co_filename.startswith(PACKAGE)
+    # A finalizer is left out: CPython prints and ignores whatever a __del__ raises ("Exception
+    # ignored in ..."), so an exception delivered there changes nothing but what it was closing.
+    return code.co_filename.startswith(PACKAGE) and code.co_name != "__del__"
+
+
+def _internal_thread() -> bool:
+    return threading.current_thread().name.startswith("mpflight-")
+
+
+def _loop_callback(frame: FrameType) -> bool:
+    """Whether mpflight code runs here as an asyncio callback (a task's done-callback): asyncio's
+    Handle._run catches and reports whatever such a callback raises, so it never reaches the caller;
+    mpflight's callbacks only tidy up, idempotently (and the reaper finishes what one leaves)."""
+    f, outer = frame, frame
+    while f is not None and _ours(f.f_code):
+        f, outer = f.f_back, f
+    if outer.f_code.co_flags & inspect.CO_COROUTINE:  # a task's step, not a callback
+        return False
+    return f is not None and f.f_code.co_name == "_run" and f.f_code.co_filename.endswith("events.py")
 
 
 class Injector:
@@ -172,7 +191,10 @@ class Injector:
         raise self.exc(point.where())
 
     def _global(self, frame: FrameType, event: str, arg: object) -> Any:
-        if not self.armed or not _ours(frame.f_code):
+        # Threads that mpflight starts for itself (a handle's pool, wait threads, the lock helper, the
+        # reaper) are no target: signals are handled in the main thread, and nobody outside mpflight
+        # holds their ids to aim PyThreadState_SetAsyncExc at. The caller's threads are.
+        if not self.armed or not _ours(frame.f_code) or _internal_thread() or _loop_callback(frame):
             return None
         frame.f_trace_opcodes = True
         if event == "call" and self._active():
@@ -215,7 +237,9 @@ class Injector:
         self._point(frame, kind, lasti)
 
     def _profile(self, frame: FrameType, event: str, arg: object) -> None:
-        if event != "c_return" or not self.armed or not _ours(frame.f_code):
+        if event != "c_return" or not self.armed or not _ours(frame.f_code) or _internal_thread():
+            return
+        if _loop_callback(frame):
             return
         self._c_returned[frame] = frame.f_lasti
         if self._active():
