@@ -877,8 +877,7 @@ class Group:
         tid = id(task) if task is not None else threading.get_ident()
         token = _Token()
         t = _use(self._table_for(fn), token)
-        owning: Coroutine[Any, Any, Result[Any]] | None = None
-        awaiting = False  # the caller awaits the runner: from then on the runner ends the call itself
+        owning: Coroutine[Any, Any, Result[Any]] | None = None  # the owner's runner, once made
         try:
             role, index, gen, record = self._enter(t, key, tid, token, deadline, False)
             if role == _ALONE:
@@ -893,7 +892,6 @@ class Group:
                 # it claimed stays behind.
                 runner.add_done_callback(functools.partial(self._runner_done, t, token))
                 self._rename_owner(t, index, gen, id(runner))  # fn runs in the runner: re-entry is seen there
-                awaiting = True
                 return (await asyncio.shield(runner)).value
             waited: Future[Result[Any]] = Future()
             self._start_wait(t, waited, index, gen, record, key, token, deadline)
@@ -906,11 +904,13 @@ class Group:
                 self._recover(t, token, time.monotonic())
                 raise
         except BaseException:
-            if not awaiting:  # the runner, if made, has not started (nothing awaited yet): end it here
+            # A runner that has started ends the call itself (cancelling this caller spares it); one
+            # that has not (the exception came first, and its loop may never run it) is ended here.
+            if owning is None or inspect.getcoroutinestate(owning) == inspect.CORO_CREATED:
                 if owning is not None:
-                    made = [task for task in asyncio.all_tasks() if task.get_coro() is owning]
+                    made = [task for task in t.tasks if task.get_coro() is owning]
                     for task in made:
-                        task.cancel()
+                        task.cancel()  # it throws into the coroutine before its first line
                     if not made:
                         owning.close()
                 self._recover(t, token, time.monotonic())

@@ -55,6 +55,10 @@ class InjectedError(Exception):
     """An Exception raised from a signal handler, like Celery's SoftTimeLimitExceeded."""
 
 
+# Functions on the path only when the table lock is contended: not reached in every run.
+CONTENDED = frozenset({"TableLock.acquire", "TableLock._timed", "_Request.__init__", "_take_for"})
+
+
 # -- the few private things the checks look at (retarget them here) -------------------------------------
 
 
@@ -585,7 +589,10 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
         for run in runs:
             if run.inj.fired is None:
                 assert run.inj.target is not None
-                s.not_reached.append(run.inj.target.where())
+                # The blocking wait for a table lock that another process holds at that instant is
+                # passed only when the timing makes it so (test_reliability's lock tests cover it).
+                if run.inj.target.function not in CONTENDED:
+                    s.not_reached.append(run.inj.target.where())
             else:
                 role = _thread_role(run.inj.fired_in)
                 s.fired_in[role] = s.fired_in.get(role, 0) + 1

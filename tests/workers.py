@@ -326,11 +326,22 @@ def chaos_interrupted(name: str, log: str, seed: int, stop: str, timeout: float)
     arm()
     rng = random.Random(seed)
     interrupts = 0
+    armed = [False]
+
+    def interrupt(signum: int, frame: object) -> None:
+        # Raise only inside the iteration's try, once per arming: an interrupt that landed in the
+        # worker's own except clause would kill it, which is the worker's doing, not mpflight's.
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
     with mpflight.Group(name, timeout=timeout) as group:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             while True:
                 try:  # the whole iteration, its loop test included: a SIGINT may land anywhere in it
+                    armed[0] = True
                     if os.path.exists(stop):
                         break
                     if interrupts:
@@ -352,7 +363,9 @@ def chaos_interrupted(name: str, log: str, seed: int, stop: str, timeout: float)
                         raise RuntimeError(f"short write to {log}")
                 except KeyboardInterrupt:
                     interrupts += 1
+                armed[0] = False
         finally:
+            armed[0] = False
             os.close(fd)
 
 
