@@ -300,6 +300,7 @@ class _Reaper:
     def __init__(self) -> None:
         self.pid = 0
         self.lock = threading.Lock()
+        self.sweeping = threading.Lock()  # held through each round (a test holds it to keep rounds out)
         self.wake = threading.Event()
         self.work: queue.SimpleQueue[tuple[Table, object, Callable[[], object]]] = queue.SimpleQueue()
 
@@ -327,31 +328,36 @@ class _Reaper:
         while os.getpid() == pid:
             self.wake.wait(REAP_INTERVAL)
             self.wake.clear()
-            while True:
-                try:
-                    t, marker, job = self.work.get_nowait()
-                except queue.Empty:
-                    break
-                try:
-                    job()
-                except Exception:
-                    log.exception("mpflight table %r: deferred work failed", t.group)
-                finally:
-                    _left(t, marker)
-            with _tables_lock:
-                tables = [t for t in _tables.values() if not t.closed]
-            for t in tables:
-                marker = object()
-                try:
-                    _use(t, marker)
-                except ValueError:
-                    continue
-                try:
-                    self._sweep(t)
-                except Exception:  # a table removed or damaged under us: the next sweep looks again
-                    log.debug("mpflight table %r: sweep failed", t.group, exc_info=True)
-                finally:
-                    _left(t, marker)
+            with self.sweeping:
+                self._round()
+
+    def _round(self) -> None:
+        """Run the deferred work, then sweep every table of the process."""
+        while True:
+            try:
+                t, marker, job = self.work.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                job()
+            except Exception:
+                log.exception("mpflight table %r: deferred work failed", t.group)
+            finally:
+                _left(t, marker)
+        with _tables_lock:
+            tables = [t for t in _tables.values() if not t.closed]
+        for t in tables:
+            marker = object()
+            try:
+                _use(t, marker)
+            except ValueError:
+                continue
+            try:
+                self._sweep(t)
+            except Exception:  # a table removed or damaged under us: the next sweep looks again
+                log.debug("mpflight table %r: sweep failed", t.group, exc_info=True)
+            finally:
+                _left(t, marker)
 
     def _sweep(self, t: Table) -> None:
         now = time.monotonic()
@@ -380,6 +386,7 @@ def _after_fork_in_child() -> None:
     global _tables_lock
     _tables_lock = threading.Lock()
     _reaper.lock = threading.Lock()  # the reaper thread is not forked: the next call starts one
+    _reaper.sweeping = threading.Lock()
     for handle in list(_handles):
         handle._executor = None  # its threads were not forked
     _owner.forget_identity()
