@@ -300,7 +300,7 @@ class _Reaper:
     def __init__(self) -> None:
         self.pid = 0
         self.lock = threading.Lock()
-        self.sweeping = threading.Lock()  # held through each round (a test holds it to keep rounds out)
+        self.sweeping = threading.Lock()  # held through each sweep; while a test holds it, no sweeps
         self.wake = threading.Event()
         self.work: queue.SimpleQueue[tuple[Table, object, Callable[[], object]]] = queue.SimpleQueue()
 
@@ -328,8 +328,7 @@ class _Reaper:
         while os.getpid() == pid:
             self.wake.wait(REAP_INTERVAL)
             self.wake.clear()
-            with self.sweeping:
-                self._round()
+            self._round()
 
     def _round(self) -> None:
         """Run the deferred work, then sweep every table of the process."""
@@ -346,18 +345,23 @@ class _Reaper:
                 _left(t, marker)
         with _tables_lock:
             tables = [t for t in _tables.values() if not t.closed]
-        for t in tables:
-            marker = object()
-            try:
-                _use(t, marker)
-            except ValueError:
-                continue
-            try:
-                self._sweep(t)
-            except Exception:  # a table removed or damaged under us: the next sweep looks again
-                log.debug("mpflight table %r: sweep failed", t.group, exc_info=True)
-            finally:
-                _left(t, marker)
+        if not self.sweeping.acquire(blocking=False):
+            return  # held off (by a test): the deferred work above still runs
+        try:
+            for t in tables:
+                marker = object()
+                try:
+                    _use(t, marker)
+                except ValueError:
+                    continue
+                try:
+                    self._sweep(t)
+                except Exception:  # a table removed or damaged under us: the next sweep looks again
+                    log.debug("mpflight table %r: sweep failed", t.group, exc_info=True)
+                finally:
+                    _left(t, marker)
+        finally:
+            self.sweeping.release()
 
     def _sweep(self, t: Table) -> None:
         now = time.monotonic()
@@ -695,7 +699,12 @@ class Group:
             if held is not token if token is not None else held is not None:
                 continue
             calls += 1
-            if t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
+            if t.gen(index) == gen and t.states[index] == DONE:  # published, maybe never woken
+                t.owners.pop((index, gen), None)
+                waiters = t.waiters_of(index)
+                if waiters:
+                    t.sems.post(index, waiters)  # an extra post only makes a waiter look again
+            elif t.gen(index) != gen or t.states[index] not in (RUNNING, COMPLETING):
                 t.owners.pop((index, gen), None)
             elif t.states[index] == RUNNING and t.u32s[index * U32S + S_JOINS // 4] == 0:
                 t.bump(C_ABORTS)
@@ -729,7 +738,7 @@ class Group:
                 flock(hold.fd, LOCK_EX | LOCK_NB)  # TableLock.acquire's first step, inline
             except BlockingIOError:
                 try:
-                    t.lock.acquire(hold, deadline)
+                    t.lock.acquire(hold, deadline)  # contended
                 except LockTimeout:
                     return False  # _complete defers the rest
             mm, u32s, base = t.mm, t.u32s, index * U32S
@@ -774,7 +783,7 @@ class Group:
                     raise BlockingIOError
                 flock(hold.fd, LOCK_EX | LOCK_NB)  # TableLock.acquire's first step, inline
             except BlockingIOError:
-                t.lock.acquire(hold, deadline)
+                t.lock.acquire(hold, deadline)  # contended
             mm = t.mm
             index = -1
             # A joinable call of this very key means joining it, and a dirty table repair: both are
@@ -1331,12 +1340,13 @@ class Group:
             return
         if waiters:
             self._post(t, index, waiters)
+        t.owners.pop((index, gen), None)  # woken: an exception before leaves it to _recover, to wake
 
     def _published(self, t: Table, index: int, gen: int, where: int, length: int) -> int:
         """Under the lock: the outcome is in place; DONE. Returns how many waiters to wake.
 
-        The claim stays registered until DONE is written: an exception before that leaves it to
-        _recover, which aborts it."""
+        The claim stays registered until its waiters are woken (_publish): an exception before DONE
+        leaves it to _recover, which aborts it; one after, which wakes them."""
         off = t.geo.slot_base + index * SLOT_SIZE
         if t.u64s[index * U64S] != gen or t.states[index] != COMPLETING:
             # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
@@ -1347,7 +1357,6 @@ class Group:
         t.mm[off + S_RESULT_WHERE] = where
         t.set_u32(off + S_RESULT_LEN, length)
         t.states[index] = DONE
-        t.owners.pop((index, gen), None)
         _faults.reached("publish")
         waiters = t.waiters_of(index)
         if waiters == 0:

@@ -38,6 +38,7 @@ import inspect
 import itertools
 import sys
 import threading
+import time
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
@@ -124,7 +125,8 @@ class Injector:
     """Count the delivery points in mpflight frames (target None), or raise ``exc`` at ``target``.
 
     ``install()`` traces every thread started until ``uninstall()`` (run the call in one);
-    ``paused`` (set by the test's fn) keeps the points of mpflight calls that fn makes out of it.
+    ``paused`` (set by the test's fn) keeps the points of mpflight calls that fn makes out of it, in
+    the thread that sets it only (fn may run in an executor thread while the call goes on in another).
     """
 
     def __init__(self, target: Point | None = None, exc: type[BaseException] | None = None) -> None:
@@ -134,12 +136,24 @@ class Injector:
         self.boundaries: set[tuple[str, int, int]] = set()  # (function, line, offset) not raised at
         self.fired: Point | None = None
         self.fired_in: str | None = None  # the name of the thread it was raised in
-        self.paused = False
+        self.fired_at: float | None = None  # when (monotonic)
+        self._paused: set[int] = set()  # the threads whose points are paused
         self.armed = False
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, CodeType, int], int] = {}
         self._last: dict[FrameType, int] = {}  # per frame, the offset of its last 'opcode' event
         self._c_returned: dict[FrameType, int] = {}  # per frame, the CALL whose builtin just returned
+
+    @property
+    def paused(self) -> bool:
+        return threading.get_ident() in self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        if value:
+            self._paused.add(threading.get_ident())
+        else:
+            self._paused.discard(threading.get_ident())
 
     # -- installation --------------------------------------------------------------------------
 
@@ -172,7 +186,7 @@ class Injector:
     # -- the hooks -----------------------------------------------------------------------------
 
     def _active(self) -> bool:
-        return self.armed and not self.paused and self.fired is None
+        return self.armed and threading.get_ident() not in self._paused and self.fired is None
 
     def _point(self, frame: FrameType, kind: str, offset: int) -> None:
         code = frame.f_code
@@ -186,6 +200,7 @@ class Injector:
             if point != self.target:
                 return
             self.fired = point
+            self.fired_at = time.monotonic()
             self.fired_in = threading.current_thread().name
         assert self.exc is not None
         raise self.exc(point.where())
