@@ -641,7 +641,7 @@ class Group:
             return value, self._complete(t, index, gen, value, None, deadline)
         except BaseException:
             if used is not None:
-                self._recover(used, token)
+                self._recover(used, token, deadline)
             raise
         finally:
             if used is not None:
@@ -848,7 +848,7 @@ class Group:
             else:
                 result = self._run(t, index, gen, fn, args, kwargs, token, deadline)
         except BaseException as e:
-            self._recover(t, token)
+            self._recover(t, token, deadline)
             _resolve(future, error=e)
         else:
             _resolve(future, result)
@@ -995,9 +995,9 @@ class Group:
         try:
             result: Result[T] = self._wait(t, index, gen, record, key, token, deadline, future.cancelled)
         except _Detached:
-            self._recover(t, token)
+            self._recover(t, token, deadline)
         except BaseException as e:
-            self._recover(t, token)
+            self._recover(t, token, deadline)
             _resolve(future, error=e)
         else:
             _resolve(future, result)

@@ -342,10 +342,14 @@ class Hold:
     def __init__(self, fd: int) -> None:
         self.own = self.fd = fd  # one statement: no interruption can come between the two
 
-    def __del__(self) -> None:  # the thread ended (or forked away): its descriptions go with it
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # The thread ended (or forked away): its descriptions go with it. os.close is bound at definition:
+        # at interpreter exit, module globals may already be gone.
         for fd in {getattr(self, "fd", -1), getattr(self, "own", -1)} - {-1}:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            try:  # noqa: SIM105 (not contextlib.suppress: it may be gone at interpreter exit)
+                _close(fd)
+            except OSError:
+                pass
 
 
 class _Request:
@@ -356,7 +360,10 @@ class _Request:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.mutex = threading.Lock()
-        self.granted = threading.Event()
+        # Released by the helper once it has the lock: a C-level lock, not an Event, whose Python-level
+        # wait an asynchronous exception can leave broken ("release unlocked lock").
+        self.granted = threading.Lock()
+        self.granted.acquire()
         self.abandoned = False
 
 
@@ -430,7 +437,7 @@ class TableLock:
             threading.Thread(
                 target=_take_for, args=(request, hold), daemon=True, name="mpflight-lock"
             ).start()
-            request.granted.wait(max(deadline - time.monotonic(), 0.0))
+            request.granted.acquire(True, max(deadline - time.monotonic(), 0.0))
         finally:
             with request.mutex:
                 if hold.fd != request.fd:
@@ -449,7 +456,7 @@ def _take_for(request: _Request, hold: Hold) -> None:
         with request.mutex:
             if not request.abandoned:
                 hold.fd = request.fd
-        request.granted.set()
+        request.granted.release()
     finally:
         if hold.fd != request.fd:
             fcntl.flock(request.fd, fcntl.LOCK_UN)

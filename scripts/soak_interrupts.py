@@ -89,8 +89,9 @@ def _loop(
                 counters[base + ABORTS] += 1
             except TimeoutError:
                 counters[base + TIMEOUTS] += 1
-            except Exception:
+            except Exception as e:
                 counters[base + ERRORS] += 1
+                print(f"error in pid {os.getpid()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             counters[base + CALLS] += 1
             _in_try[0] = False
         except KeyboardInterrupt:  # only the victim's main thread gets them; it survives and goes on
@@ -101,6 +102,7 @@ def _loop(
 def worker(name: str, keys: list[str], threads: int, stop: Any, counters: Any, first: int, seed: int) -> None:
     """``threads`` threads call in a loop; the victim (counting its main thread among them) catches SIGINTs."""
     faulthandler.dump_traceback_later(CHILD_DEADLINE, exit=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGINT, _on_sigint)
     with mpflight.Group(name, timeout=TIMEOUT) as group:
         others = [
@@ -171,6 +173,10 @@ def one_round(n: int, args: argparse.Namespace, rng: random.Random) -> dict[str,
             stuck = [i for i, t in enumerate(seen_at) if now - t > PROGRESS_DEADLINE]
             if stuck:
                 result["deadlocks"] = len(stuck)
+                for p in procs:  # their stacks, to stderr (faulthandler, registered in each worker)
+                    if p.pid is not None and p.exitcode is None:
+                        os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(0.5)
                 break
             if done.is_set() and all(now - t < 0.2 for t in seen_at):
                 break  # the SIGINTs are over and everyone is still calling
