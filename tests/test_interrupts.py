@@ -207,11 +207,18 @@ class Peer:
             self.proc.join(HANG_DEADLINE)
 
 
+# Every table the runs made: unlinked again once the peer has stopped, since a join the peer was still
+# making when a test unlinked its tables would have made a semaphore under the old name.
+_MADE: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def peer() -> Iterator[Peer]:
     p = Peer()
     yield p
     p.stop()
+    for name in _MADE:
+        mpflight.unlink(name)
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -268,6 +275,7 @@ class Scenario:
         self.tables += 1
         name = f"{self.base}-{self.tables}"
         self.names.append(name)
+        _MADE.append(name)
         self.group = mpflight.Group(name, timeout=HANG_DEADLINE)
 
     def fail(self, run: Run, check: str) -> None:
