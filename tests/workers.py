@@ -395,8 +395,9 @@ def interrupt_peer(conn: object, timeout: float) -> None:
     Commands (tuples on the pipe): ("join", name, key) joins the call for key and replies
     ("joined", key, kind, detail); ("own", name, key) runs fn for key, replying ("owning", key) once fn
     runs, fn returning once a waiter is registered or ("release", key) came, then ("owned", key, kind,
-    value, shared); ("stop",) ends the process. ``timeout`` is the Group timeout: a waiter that would
-    hang reports TimeoutError instead.
+    value, shared); ("quiesce",) waits for every command begun so far to end, closes the groups and
+    replies ("quiet", "-"); ("stop",) ends the process. ``timeout`` is the Group timeout: a waiter that
+    would hang reports TimeoutError instead.
     """
     import threading
 
@@ -446,6 +447,7 @@ def interrupt_peer(conn: object, timeout: float) -> None:
         except Exception as e:
             reply("owned", key, type(e).__name__, str(e), False)
 
+    running: list[threading.Thread] = []
     while True:
         msg = conn.recv()  # type: ignore[attr-defined]
         arm()  # the peer lives for the whole test module: each command re-arms the hang bound
@@ -454,5 +456,16 @@ def interrupt_peer(conn: object, timeout: float) -> None:
         if msg[0] == "release":
             releases.setdefault(msg[1], threading.Event()).set()
             continue
+        if msg[0] == "quiesce":  # nothing of this peer touches the tables after this
+            for thread in running:
+                thread.join(CHILD_DEADLINE)
+            running.clear()
+            for g in groups.values():
+                g.close()
+            groups.clear()
+            reply("quiet", "-")
+            continue
         target = {"join": join, "own": own}[msg[0]]
-        threading.Thread(target=target, args=msg[1:], daemon=True).start()
+        thread = threading.Thread(target=target, args=msg[1:], daemon=True)
+        running.append(thread)
+        thread.start()
