@@ -106,8 +106,8 @@ _NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_MAX_RESULT_BYTES: Final = 64 * 1024 * 1024
 # How often a waiter checks that the owner lives: detection of a dead owner takes at most about this.
 DEFAULT_CHECK_INTERVAL: Final = 0.2
-# How often a process checks, on its way into do(), that its table is still the one under its name,
-# and looks for calls stuck since the last look (their owners or readers may have died).
+# How often a process checks, on its way into do(), that its table is still the one under its name
+# (calls stuck because their owners or readers died are the reaper's).
 HOUSEKEEPING_INTERVAL: Final = 1.0
 # How often each process's reaper sweeps its tables: what no live process takes part in any more is
 # reclaimed within about two intervals (a call must be seen at two sweeps before psutil is asked).
@@ -132,7 +132,6 @@ _ALONE: Final = 2  # no slot or record free: runs fn without coalescing
 # What _try_join returns besides a generation (>= 0).
 _NO_RECORD: Final = -1
 _OWNER_GONE: Final = -2
-_REFUSED: Final = -3  # (set by _enter) the wait would deadlock
 
 _tables: dict[str, Table] = {}
 _handles: weakref.WeakSet[Group] = weakref.WeakSet()  # handles with a thread pool

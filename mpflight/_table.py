@@ -100,10 +100,9 @@ DEFAULT_MODE: Final = 0o600
 class LocalCall:
     """What the owner's process keeps for its own waiting threads: the owner's very outcome."""
 
-    __slots__ = ("error", "filled", "value", "waiting")
+    __slots__ = ("error", "filled", "value")
 
     def __init__(self) -> None:
-        self.waiting = 0  # threads of this process registered on the call
         self.filled = False  # set by the owner with value and error, before the call is DONE
         self.value: object = None
         self.error: BaseException | None = None
