@@ -734,7 +734,7 @@ class Group:
             try:
                 if hold.fd != hold.own:
                     raise BlockingIOError
-                flock(hold.fd, LOCK_EX | LOCK_NB)  # TableLock.acquire's first step, inline
+                flock(hold.fd, LOCK_EX | LOCK_NB)  # contended when it raises: acquire's first step
             except BlockingIOError:
                 try:
                     t.lock.acquire(hold, deadline)  # contended
@@ -780,7 +780,7 @@ class Group:
             try:
                 if hold.fd != hold.own:
                     raise BlockingIOError
-                flock(hold.fd, LOCK_EX | LOCK_NB)  # TableLock.acquire's first step, inline
+                flock(hold.fd, LOCK_EX | LOCK_NB)  # contended when it raises: acquire's first step
             except BlockingIOError:
                 t.lock.acquire(hold, deadline)  # contended
             mm = t.mm

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import linecache
 import os
@@ -78,6 +79,9 @@ FIRST_USE = frozenset(
     }
 )
 RETRIES = 4
+# Numbers every run's key across the module: the peer lives for the whole module and its replies are
+# matched by key, so a late reply of one run must never be taken for another's.
+_SERIAL = itertools.count()
 
 
 # -- the few private things the checks look at (retarget them here) -------------------------------------
@@ -279,6 +283,10 @@ class Scenario:
     names: list[str] = field(default_factory=list)
     not_reached: list[str] = field(default_factory=list)
     fired_in: dict[str, int] = field(default_factory=dict)
+    # fn may go on in a thread of its own after its run ended: it sends the peer "join" only under
+    # this lock and while the scenario is not closing, so that every join precedes the "quiesce".
+    gate: threading.Lock = field(default_factory=threading.Lock)
+    closing: bool = False
 
     def __post_init__(self) -> None:
         self.fresh_table()
@@ -450,9 +458,12 @@ def _owner_fn(s: Scenario, run: Run, remote_waiter: bool) -> Callable[[], str]:
         if remote_waiter:
             run.inj.paused = True
             try:
-                run.expect = "joined"
-                run.ended_before_join = run.inj.fired is not None
-                s.peer.send("join", group.name, run.key)
+                with s.gate:
+                    if s.closing:  # the test is over: the peer joins nothing more
+                        return f"v:{run.key}"
+                    run.expect = "joined"
+                    run.ended_before_join = run.inj.fired is not None
+                    s.peer.send("join", group.name, run.key)
                 wait_until(lambda: _waiters(group, run.key) == 1, "the other process to join", HANG_DEADLINE)
             finally:
                 run.inj.paused = False
@@ -622,7 +633,7 @@ CASES = [pytest.param(path, Injected, id=path) for path in PATHS] + [
 
 
 def _one_run(s: Scenario, index: int, target: Point | None) -> Run:
-    run = Run(key=f"k{index}", inj=Injector(target, s.exc))
+    run = Run(key=f"k{index}.{next(_SERIAL)}", inj=Injector(target, s.exc))
     no_housekeeping_now(s.group)
     PATHS[s.path](s, run)
     return run
@@ -682,6 +693,8 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
                 mpflight._group._reaper.sweeping.release()
         # The peer may still be joining a call of a run (its command threads end within its timeout):
         # let it finish and close its groups first, or it could make a semaphore after the unlink.
+        with s.gate:
+            s.closing = True
         s.peer.send("quiesce")
         s.peer.reply("quiet", "-", 4 * HANG_DEADLINE)
         for n in s.names:
