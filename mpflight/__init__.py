@@ -1,24 +1,48 @@
 # mpflight: one execution per key across the processes of a machine (Go's singleflight over /dev/shm).
-# Layers, each importing only those above it:
-#   _errors, _layout          errors; the bytes of a table (no I/O)
-#   _locks, _codec, _owner    posix_ipc objects and names; msgpack values; psutil identities
-#   _table, _group            one process's mapping and its repair; Group and the call protocol
+# Layers, each importing only those above it (docs/design.md, "Module map"):
+#   _errors, _layout, _faults         errors; the bytes of a table (no I/O); test switches
+#   _locks, _codec, _owner            posix_ipc objects and names; msgpack payloads; psutil identities
+#   _table                            one process's mapping of a table, its lock and its repair
+#   _protocol                         the slot protocol: claim, join, finish, publish, wait, abort
+#   _registry                         this process's attachments to tables
+#   _tier                             the seam: the table as a tier, and a next tier behind it
+#   _housekeeping                     the reaper, gc, inflight, stats
+#   _drivers, _coalesce               do/do_ex, do_future, do_async; the decorator
+#   _group, _cli                      Group, the facade; the command line
 """Coalesce duplicate work across processes: ``Group(name).do(key, fn)`` runs fn once per key at a time."""
 
 from ._codec import Codec
-from ._errors import AbortError, DeadlockError, MPFlightError, RemoteError, SerializationError
-from ._group import Group, InflightCall, Result, coalesce, tables, unlink
-from ._locks import NoSuchTable
+from ._errors import (
+    AbortError,
+    AccessDenied,
+    CorruptSlot,
+    DamagedTable,
+    DeadlockError,
+    IncompatibleTable,
+    MPFlightError,
+    NoSpace,
+    NoSuchTable,
+    RemoteError,
+    SerializationError,
+)
+from ._group import Group, coalesce
+from ._housekeeping import InflightCall, tables, unlink
+from ._protocol import Result
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AbortError",
+    "AccessDenied",
     "Codec",
+    "CorruptSlot",
+    "DamagedTable",
     "DeadlockError",
     "Group",
+    "IncompatibleTable",
     "InflightCall",
     "MPFlightError",
+    "NoSpace",
     "NoSuchTable",
     "RemoteError",
     "Result",

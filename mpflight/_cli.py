@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from ._errors import MPFlightError
-from ._group import Group, InflightCall, tables, unlink
-from ._locks import NoSuchTable, NotInitialised
+from ._errors import MPFlightError, NoSuchTable, NotInitialised
+from ._group import Group
+from ._housekeeping import InflightCall, tables, unlink
 
 EXIT_OK, EXIT_NO_TABLE, EXIT_ERROR = 0, 1, 2
 
@@ -157,6 +157,7 @@ def _call_json(c: InflightCall, now: float) -> dict[str, object]:
         "waiters": c.waiters,
         "state": c.state,
         "result_bytes": c.result_bytes,
+        **({"tier_hex": c.tier.hex()} if c.tier else {}),  # the state a tier behind the table keeps
     }
 
 

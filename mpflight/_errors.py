@@ -80,3 +80,85 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class _Described(MPFlightError):
+    """An error about one named thing (a table, a segment), with a detail: both kept, and pickled."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        self.detail = detail
+        super().__init__(detail)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.detail))
+
+
+class NoSuchTable(MPFlightError):
+    """There is no table of this name (raised when attaching without creating)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no mpflight table named {name!r}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name,))
+
+
+class NotInitialised(MPFlightError):
+    """The table exists but its creator has not finished it (raised when attaching without creating)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"mpflight table {name!r} is not initialised (its creator has not finished, or died halfway): "
+            f"the next Group({name!r}) that may create it initialises it; mpflight.unlink({name!r}) drops it"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name,))
+
+
+class IncompatibleTable(_Described):
+    """The table was made by another layout version or geometry of mpflight, or is used from another
+    pid namespace, or exists with other options (slots, mode) than asked for."""
+
+
+class DamagedTable(_Described):
+    """The table's bytes are inconsistent beyond what repair rebuilds (its header, a slot's state)."""
+
+
+class CorruptSlot(DamagedTable):
+    """One slot's published outcome cannot be located (its location byte or length is garbage)."""
+
+    def __init__(self, name: str, slot: int, detail: str) -> None:
+        self.slot = slot
+        super().__init__(name, f"corrupt slot {slot} in table {name!r}: {detail}")
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.slot, self.detail))
+
+
+class AccessDenied(_Described):
+    """The OS refused access to an object of the table, or mpflight refused an object it must not trust
+    (another user's table, semaphore or segment)."""
+
+
+class NoSpace(_Described):
+    """/dev/shm has no room for an object of the table (the table, a semaphore, a result segment)."""
+
+
+class SegmentFull(NoSpace):
+    """/dev/shm has no room for a result segment (the waiters get the outcome "not carried")."""
+
+
+class CorruptPayload(MPFlightError):
+    """A published payload cannot be decoded (damage, or a writer that is not mpflight)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"corrupt result: {detail}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.detail,))

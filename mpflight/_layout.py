@@ -12,7 +12,7 @@ A table is one shared-memory object::
     slots         SLOT_SIZE bytes each
     records       RECORD_SIZE bytes each
 
-Every field is written only while the table lock is held, except the result area of a slot in state
+Every field is written only while the table lock is held, except the payload area of a slot in state
 COMPLETING, which belongs to its owner alone. Readers outside the lock (waiters polling their slot,
 the inspection tool) treat what they read as a hint and confirm under the lock before acting on it.
 """
@@ -27,7 +27,7 @@ from typing import Final
 MAGIC: Final = b"MPFLIGHT"
 # Bumped whenever any byte below changes meaning; part of every OS object name (see _locks.object_name),
 # so that two versions of the library running side by side use two tables.
-LAYOUT_VERSION: Final = 2
+LAYOUT_VERSION: Final = 3
 
 DEFAULT_SLOTS: Final = 1024
 # Bounds a table to 64 MiB of slots: far more calls in flight at once than one machine runs.
@@ -44,7 +44,7 @@ H_READY: Final = 12  # 0 until the initializer has written everything else; writ
 H_SLOTS: Final = 16
 H_SLOT_SIZE: Final = 20
 H_KEY_CAP: Final = 24
-H_RESULT_CAP: Final = 28
+H_PAYLOAD_CAP: Final = 28
 H_RECORDS: Final = 32
 H_RECORD_SIZE: Final = 36
 H_NAME_LEN: Final = 40
@@ -86,16 +86,16 @@ KEY_BYTES: Final = 1
 KEY_DIGEST: Final = 2
 DIGEST_SIZE: Final = 32
 
-# Where a published outcome is.
-RESULT_NONE: Final = 0
-RESULT_INLINE: Final = 1  # msgpack payload in the slot's result area
-RESULT_SEGMENT: Final = 2  # msgpack payload in the segment the slot names (S_SEGMENT_TOKEN)
-RESULT_LOCAL: Final = 3  # only threads of the owner's process wait: they take the owner's object
+# Where a published payload is (S_PAYLOAD_AT).
+PAYLOAD_NONE: Final = 0
+PAYLOAD_INLINE: Final = 1  # in the slot, at S_PAYLOAD
+PAYLOAD_SEGMENT: Final = 2  # msgpack payload in the segment the slot names (S_SEGMENT_TOKEN)
+PAYLOAD_LOCAL: Final = 3  # only threads of the owner's process wait: they take the owner's object
 
 # Slot. The fixed part is written in one piece by the claimer (under the lock, before the state byte
 # makes the slot RUNNING); waiters, joins and blocked_* change under the lock afterwards; the result
 # fields are written by the owner under the lock before the state byte says DONE.
-SLOT: Final = struct.Struct("<QIIIIIIQQdQBBHIQ")
+SLOT: Final = struct.Struct("<QIIIIIIQQdQBBHIQB")
 S_GEN: Final = 0  # u64: incremented by every claim; names the call
 S_HOME: Final = 8  # u32: slot index the key hashes to
 S_FLAGS: Final = 12  # u32: JOINABLE
@@ -108,8 +108,8 @@ S_OWNER_TID: Final = 40  # u64: owner's thread (threading.get_ident), for re-ent
 S_STARTED: Final = 48  # f64: epoch seconds when the call began
 S_BLOCKED_GEN: Final = 56  # u64: generation of the slot the owner's thread waits on
 S_KEY_KIND: Final = 64  # u8: KEY_*
-S_RESULT_WHERE: Final = 65  # u8: RESULT_*
-S_RESULT_LEN: Final = 68  # u32: bytes of the payload, inline or in the segment
+S_PAYLOAD_AT: Final = 65  # u8: PAYLOAD_*, where the published payload is
+S_PAYLOAD_LEN: Final = 68  # u32: bytes of the payload, inline or in the segment
 S_KEY_LEN: Final = 72  # u64: length of the full encoded key
 # u64, random and nonzero, 0 until the slot's first waiter: names the slot's wake-up semaphore
 # (_locks.semaphore_name). Written under the lock by the first waiter of any call of the slot, which
@@ -118,23 +118,45 @@ S_KEY_LEN: Final = 72  # u64: length of the full encoded key
 # waiters and the owner to open the semaphore; never used to create one outside the lock.
 S_SEM_TOKEN: Final = 88
 # u64, random: names the call's result segment (_locks.segment_name). Written by the owner in
-# COMPLETING, outside the lock (the result area is its own then), before it creates the segment
+# COMPLETING, outside the lock (the payload area is its own then), before it creates the segment
 # (O_CREX) and before the state byte says DONE; read after DONE by readers, and under the lock by the
-# last reader, the aborter, repair and gc, only when the outcome location says RESULT_SEGMENT (or the
+# last reader, the aborter, repair and gc, only when the outcome location says PAYLOAD_SEGMENT (or the
 # slot is COMPLETING).
 S_SEGMENT_TOKEN: Final = 96
-# The four u32 the owner reads on completion, in one unpack.
-COMPLETION: Final = struct.Struct("<IIII")  # home, flags, waiters, joins at S_HOME
-S_KEY: Final = 128
+S_TIER_LEN: Final = 80  # u8: how many of the TIER_CAP bytes at S_TIER hold the tier's data; the claim's 0
+# TIER_CAP opaque bytes that belong to the tier behind this table (mpflight._tier): its own state of the
+# call (a lease, the remote owner). Written by the owner under the lock while RUNNING; shown by
+# inflight() and handed to the tier's hook when the call is aborted or freed.
+S_TIER: Final = 104
+TIER_CAP: Final = 56
+S_KEY: Final = 160
 KEY_CAP: Final = 256
-S_RESULT: Final = S_KEY + KEY_CAP
+S_PAYLOAD: Final = S_KEY + KEY_CAP
 # Results up to this many bytes (encoded) travel inside the slot; a 1 KiB value with its msgpack framing
 # fits, so the common small-to-medium result never costs a segment.
-RESULT_CAP: Final = 1664
-SLOT_SIZE: Final = S_RESULT + RESULT_CAP
+PAYLOAD_CAP: Final = 1632
+SLOT_SIZE: Final = S_PAYLOAD + PAYLOAD_CAP
 U32S: Final = SLOT_SIZE // 4  # a slot's length in u32 (Table.u32s) and u64 (Table.u64s) units
 U64S: Final = SLOT_SIZE // 8
-assert SLOT.size <= S_SEM_TOKEN and S_SEGMENT_TOKEN + 8 <= S_KEY
+assert SLOT.size <= S_SEM_TOKEN and S_SEGMENT_TOKEN + 8 <= S_TIER and S_TIER + TIER_CAP <= S_KEY
+
+# The one way a slot's numeric fields are read and written: slot i's u32 field is
+# ``table.u32s[i * U32S + I_FIELD]``, its u64 field ``table.u64s[i * U64S + Q_FIELD]`` (the byte
+# offset divided by the width; indexing a memoryview is the cheapest access to shared memory).
+Q_GEN: Final = S_GEN // 8
+I_HOME: Final = S_HOME // 4
+I_FLAGS: Final = S_FLAGS // 4
+I_WAITERS: Final = S_WAITERS // 4
+I_JOINS: Final = S_JOINS // 4
+I_OWNER_PID: Final = S_OWNER_PID // 4
+I_BLOCKED_SLOT: Final = S_BLOCKED_SLOT // 4
+Q_OWNER_START: Final = S_OWNER_START // 8
+Q_OWNER_TID: Final = S_OWNER_TID // 8
+Q_BLOCKED_GEN: Final = S_BLOCKED_GEN // 8
+I_PAYLOAD_LEN: Final = S_PAYLOAD_LEN // 4
+Q_KEY_LEN: Final = S_KEY_LEN // 8
+Q_SEM_TOKEN: Final = S_SEM_TOKEN // 8
+Q_SEGMENT_TOKEN: Final = S_SEGMENT_TOKEN // 8
 
 # Waiter record: one per registered waiter, written by that waiter under the lock before its byte in
 # the record map is set; the byte is the commit. Slot waiter counts are derived from these, so a

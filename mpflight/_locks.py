@@ -31,7 +31,15 @@ from typing import Final
 import posix_ipc
 
 from . import _faults
-from ._errors import MPFlightError
+from ._errors import (
+    AccessDenied,
+    DamagedTable,
+    IncompatibleTable,
+    MPFlightError,
+    NoSpace,
+    NoSuchTable,
+    SegmentFull,
+)
 from ._layout import HEADER_SIZE, LAYOUT_VERSION
 
 # Every object name starts with this, then the layout version: `ls /dev/shm | grep mpf` finds them all.
@@ -42,17 +50,6 @@ SEP: Final = "@"
 # less the "sem." that glibc puts in front of a semaphore's file name.
 NAME_LIMIT: Final = 31 if sys.platform == "darwin" else 250
 SHM_DIR: Final = "/dev/shm"
-
-
-class NoSuchTable(MPFlightError):
-    """There is no table of this name (raised when attaching without creating)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"no mpflight table named {name!r}")
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.name,))
 
 
 def object_name(group: str, suffix: str = "") -> str:
@@ -133,10 +130,11 @@ def _our_groups() -> set[int]:
 
 
 def _refusal(group: str, what: str, path: str, st: os.stat_result) -> MPFlightError:
-    return MPFlightError(
+    return AccessDenied(
+        path,
         f"mpflight refuses {what} {path}: it belongs to {_whose(st)}, and this process (uid {os.geteuid()}) "
         f"is neither its owner nor a member of the group of a table shared with a group mode (0o660). "
-        f"Remove it with mpflight.unlink({group!r}) as its owner or root, or pick another name"
+        f"Remove it with mpflight.unlink({group!r}) as its owner or root, or pick another name",
     )
 
 
@@ -170,20 +168,6 @@ def _share(target: int | str, mode: int, gid: int) -> None:
         os.chmod(target, mode)
         if gid not in (-1, os.getegid()):
             os.chown(target, -1, gid, follow_symlinks=False)
-
-
-class NotInitialised(MPFlightError):
-    """The table exists but its creator has not finished it (raised when attaching without creating)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(
-            f"mpflight table {name!r} is not initialised (its creator has not finished, or died halfway): "
-            f"the next Group({name!r}) that may create it initialises it; mpflight.unlink({name!r}) drops it"
-        )
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.name,))
 
 
 class TableFile:
@@ -220,24 +204,25 @@ class TableFile:
                 if not create:
                     versions = other_versions(group)
                     if versions:
-                        raise MPFlightError(
+                        raise IncompatibleTable(
+                            group,
                             f"mpflight table {group!r} has layout version {versions[0]}; this mpflight reads "
-                            f"version {LAYOUT_VERSION}: use the mpflight that made it"
+                            f"version {LAYOUT_VERSION}: use the mpflight that made it",
                         ) from None
                     raise NoSuchTable(group) from None
                 # Removed between our two opens: try creating again.
             except posix_ipc.PermissionsError:
                 raise _permission_error(group, self.path) from None
             except OSError as e:  # ENOSPC (no inode left on /dev/shm), EMFILE, ...
-                raise MPFlightError(f"cannot open mpflight table {group!r} ({self.path}): {e}") from None
+                raise NoSpace(self.path, f"cannot open mpflight table {group!r} ({self.path}): {e}") from None
         self.fd = shm.fd
         try:
             st = os.fstat(self.fd)
             check_table(group, self.path, st)
             bad = check_mode(stat.S_IMODE(st.st_mode))
             if bad is not None:
-                raise MPFlightError(
-                    f"mpflight refuses the table {self.path}: {bad}; unlink it and make it anew"
+                raise AccessDenied(
+                    self.path, f"mpflight refuses the table {self.path}: {bad}; unlink it and make it anew"
                 )
         except BaseException:
             os.close(self.fd)
@@ -267,8 +252,8 @@ class TableFile:
         try:
             os.posix_fallocate(self.fd, 0, size)
         except OSError as e:
-            raise MPFlightError(
-                f"cannot reserve {size} bytes for table {self.group!r} in {SHM_DIR}: {e}"
+            raise NoSpace(
+                self.path, f"cannot reserve {size} bytes for table {self.group!r} in {SHM_DIR}: {e}"
             ) from None
 
     def map(self, size: int) -> mmap.mmap:
@@ -302,10 +287,11 @@ def _permission_error(group: str, path: str) -> MPFlightError:
         whose = _whose(os.stat(path))
     except OSError:
         whose = "another user"
-    return MPFlightError(
+    return AccessDenied(
+        path,
         f"permission denied opening mpflight table {group!r} ({path}), which belongs to {whose}: run as "
         f"that user, or remove it with mpflight.unlink({group!r}) as its owner or root and have it made "
-        f"with a group mode (Group(..., mode=0o660)) by a process of the group that shares it"
+        f"with a group mode (Group(..., mode=0o660)) by a process of the group that shares it",
     )
 
 
@@ -418,12 +404,12 @@ class TableLock:
         except BlockingIOError:
             pass
         if deadline is None or "lock-deadline" in _faults.DISABLED:
-            ident = threading.get_ident()
-            self.waits[ident] = time.monotonic()
+            tid = threading.get_ident()
+            self.waits[tid] = time.monotonic()
             try:
                 fcntl.flock(hold.fd, fcntl.LOCK_EX)
             finally:
-                self.waits.pop(ident, None)
+                self.waits.pop(tid, None)
             return
         self._timed(hold, deadline)
 
@@ -529,29 +515,34 @@ class Semaphores:
             except posix_ipc.ExistentialError:
                 continue
             except posix_ipc.PermissionsError:
-                raise MPFlightError(f"permission denied creating semaphore {sem_path(name)}") from None
+                raise AccessDenied(
+                    sem_path(name), f"permission denied creating semaphore {sem_path(name)}"
+                ) from None
             except (posix_ipc.Error, OSError) as e:  # ENOSPC comes as a bare OSError
                 if "space-errors" in _faults.DISABLED:
                     raise
-                raise MPFlightError(
+                raise NoSpace(
+                    sem_path(name),
                     f"cannot create semaphore {sem_path(name)} for table {self._group!r}: {e} "
-                    f"(is {SHM_DIR} full?)"
+                    f"(is {SHM_DIR} full?)",
                 ) from None
             try:
                 _share(sem_path(name), self._mode, self._gid)
             except OSError as e:
                 sem.unlink()
                 sem.close()
-                raise MPFlightError(
+                raise AccessDenied(
+                    sem_path(name),
                     f"cannot give semaphore {sem_path(name)} the table's mode {self._mode:#o} and group "
-                    f"{self._gid}: {e}"
+                    f"{self._gid}: {e}",
                 ) from None
             self._set_token(slot, token)
             self._keep(slot, token, sem)
             return
-        raise MPFlightError(
+        raise AccessDenied(
+            self._group,
             f"cannot create a semaphore for slot {slot} of table {self._group!r}: {NAME_TRIES} names "
-            "in a row exist already"
+            "in a row exist already",
         )
 
     def wait(self, slot: int, timeout: float) -> bool:
@@ -582,10 +573,6 @@ class Semaphores:
         self._retired.clear()
 
 
-class SegmentFull(MPFlightError):
-    """/dev/shm has no room for a result segment."""
-
-
 class SegmentExists(MPFlightError):
     """A segment of this name exists already (the caller picks another name)."""
 
@@ -599,15 +586,21 @@ def write_segment(name: str, payload: bytes | memoryview, mode: int, gid: int) -
     except posix_ipc.ExistentialError:
         raise SegmentExists(name) from None
     except posix_ipc.PermissionsError:
-        raise MPFlightError(f"permission denied creating result segment {shm_path(name)}") from None
+        raise AccessDenied(
+            shm_path(name), f"permission denied creating result segment {shm_path(name)}"
+        ) from None
     except OSError as e:
-        raise SegmentFull(f"cannot create result segment {shm_path(name)}: {e.strerror}") from None
+        raise SegmentFull(
+            shm_path(name), f"cannot create result segment {shm_path(name)}: {e.strerror}"
+        ) from None
     try:
         try:
             _share(shm.fd, mode, gid)
         except OSError as e:
-            raise MPFlightError(
-                f"cannot give result segment {shm_path(name)} the table's mode {mode:#o} and group {gid}: {e}"
+            raise AccessDenied(
+                shm_path(name),
+                f"cannot give result segment {shm_path(name)} the table's mode {mode:#o} "
+                f"and group {gid}: {e}",
             ) from None
         try:
             if "reserve" in _faults.DISABLED:
@@ -615,7 +608,9 @@ def write_segment(name: str, payload: bytes | memoryview, mode: int, gid: int) -
             else:
                 os.posix_fallocate(shm.fd, 0, size)
         except OSError as e:
-            raise SegmentFull(f"no room in {SHM_DIR} for a result of {size} bytes: {e.strerror}") from None
+            raise SegmentFull(
+                shm_path(name), f"no room in {SHM_DIR} for a result of {size} bytes: {e.strerror}"
+            ) from None
         with mmap.mmap(shm.fd, size) as mm:
             mm[:] = payload
     except BaseException:
@@ -630,14 +625,16 @@ def map_segment(group: str, name: str, size: int, gid: int, mode: int) -> mmap.m
     try:
         shm = posix_ipc.SharedMemory(name, 0, read_only=True)
     except posix_ipc.ExistentialError:
-        raise MPFlightError(f"result segment {shm_path(name)} is missing") from None
+        raise DamagedTable(shm_path(name), f"result segment {shm_path(name)} is missing") from None
     except posix_ipc.PermissionsError:
-        raise MPFlightError(f"permission denied reading result segment {shm_path(name)}") from None
+        raise AccessDenied(
+            shm_path(name), f"permission denied reading result segment {shm_path(name)}"
+        ) from None
     try:
         st = os.fstat(shm.fd)
         check_object(group, "the result segment", shm_path(name), st, gid, mode)
         if st.st_size < size:
-            raise MPFlightError(f"result segment {name} is shorter than its slot says")
+            raise DamagedTable(shm_path(name), f"result segment {name} is shorter than its slot says")
         return mmap.mmap(shm.fd, size, prot=mmap.PROT_READ)
     finally:
         shm.close_fd()

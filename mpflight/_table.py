@@ -1,24 +1,24 @@
-"""One process's attachment to a table: its mapping, views, lock discipline and repair.
+"""One process's mapping of a table: its views, its lock discipline and its repair.
 
-Every Group of the same name in a process shares one _Table (so that the threads of a process are
-serialised by one threading.Lock, and a slot's local waiters find the owner's object). The protocol
-itself (claim, join, publish) lives in _group; this module owns the bytes and their invariants.
+Every Group of the same name in a process shares one Table (through mpflight._registry), so that a
+slot's local waiters find the owner's object. The protocol itself (claim, join, finish, publish, abort)
+lives in mpflight._protocol, which alone writes state bytes; this module owns the bytes, their
+invariants and their repair, and keeps what this process registered in them (its claims and records).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import mmap
 import secrets
 import time
 import weakref
 from collections.abc import Callable
-from fcntl import LOCK_UN, flock
+from fcntl import LOCK_EX, LOCK_NB, LOCK_UN, flock
 from typing import Any, Final, TypeVar
 
 from . import _faults, _owner
-from ._errors import MPFlightError
+from ._errors import AccessDenied, DamagedTable, IncompatibleTable, NotInitialised
 from ._layout import (
     COUNTERS,
     DEFAULT_SLOTS,
@@ -29,37 +29,37 @@ from ._layout import (
     H_READY,
     HEADER,
     HEADER_SIZE,
+    I_FLAGS,
+    I_JOINS,
+    I_PAYLOAD_LEN,
+    I_WAITERS,
     JOINABLE,
     KEY_CAP,
     LAYOUT_VERSION,
     MAGIC,
     MAX_SLOTS,
+    PAYLOAD_CAP,
+    PAYLOAD_INLINE,
+    PAYLOAD_LOCAL,
+    PAYLOAD_NONE,
+    PAYLOAD_SEGMENT,
+    Q_GEN,
+    Q_SEGMENT_TOKEN,
+    Q_SEM_TOKEN,
     RECORD,
     RECORD_SIZE,
-    RESULT_CAP,
-    RESULT_INLINE,
-    RESULT_LOCAL,
-    RESULT_NONE,
-    RESULT_SEGMENT,
-    S_FLAGS,
-    S_HOME,
-    S_JOINS,
     S_KEY_KIND,
     S_KEY_LEN,
-    S_RESULT_LEN,
-    S_RESULT_WHERE,
-    S_SEGMENT_TOKEN,
-    S_SEM_TOKEN,
-    S_WAITERS,
+    S_PAYLOAD_AT,
     SLOT,
     SLOT_SIZE,
+    U32S,
     U64S,
     Geometry,
     SlotState,
 )
 from ._locks import (
     NAME_TRIES,
-    NotInitialised,
     SegmentExists,
     Semaphores,
     TableFile,
@@ -73,6 +73,11 @@ from ._locks import (
 log = logging.getLogger("mpflight")
 
 R = TypeVar("R")
+
+
+def _no_deferral(job: Callable[[], object]) -> None:
+    """A table not attached through the registry (a tool's) runs deferred work at once."""
+    job()
 
 
 def _held_by(fd: int) -> bool:
@@ -93,6 +98,9 @@ DONE: Final = SlotState.DONE.value
 # Keys longer than this are refused (ValueError): bounds what a caller hashes and what a slot's key
 # length field may claim.
 MAX_KEY_BYTES: Final = 64 * 1024
+# Whether the next holder of the lock repairs what a dead holder left (a test switch turns it off).
+_REPAIR: Final = "repair" not in _faults.DISABLED
+_FAULT: Final = _faults.FAULT  # read once, as _faults reads it
 # The mode of a table made without mode=: only its user gets in.
 DEFAULT_MODE: Final = 0o600
 
@@ -123,9 +131,10 @@ class Table:
             self.mode, self.gid = DEFAULT_MODE if mode is None else mode, -1  # -1: whichever is ours
         try:
             if mode is not None and mode != self.file.mode:
-                raise MPFlightError(
+                raise IncompatibleTable(
+                    group,
                     f"mpflight table {group!r} ({self.file.path}) has mode {self.file.mode:#o}, not "
-                    f"{mode:#o}: omit mode= to adopt the table's, or unlink it to make it anew with another"
+                    f"{mode:#o}: omit mode= to adopt the table's, or unlink it to make it anew with another",
                 )
             self.geo = self._initialize_or_check(slots, create, deadline)
             self.mm = self.file.map(self.geo.size)
@@ -152,21 +161,21 @@ class Table:
         self.sems = Semaphores(group, self.sem_token, self.set_sem_token, self.mode, self.gid)
         self.local: dict[tuple[int, int], LocalCall] = {}
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
-        # it made: weak references to the callers' tokens, written under the lock with the claim or
-        # record. A claim or record whose token is gone was left by an exception; the reaper ends it.
+        # it made: weak references to the callers' Calls (mpflight._protocol), written under the lock
+        # with the claim or record. One whose Call is gone was left by an exception; the reaper ends it.
         self.owners: dict[tuple[int, int], weakref.ref[Any]] = {}
         self.readers: dict[int, weakref.ref[Any]] = {}
-        self.refs = 0  # Group handles of this process (changed under _group's registry lock)
-        self.active: set[object] = set()  # a marker per caller inside the table (add and discard are atomic)
-        self.warned_waits: set[tuple[int, float]] = set()  # long lock waits already logged
-        self.tasks: set[asyncio.Task[Any]] = set()  # asyncio owners' tasks, kept alive until they end
-        self.checked = time.monotonic()
-        self.warned_full = -float("inf")  # when this process last warned that the table is full
-        self.seen_busy: set[tuple[int, int, int]] = set()
+        # Runs a transition's rest in the background when the lock was not free by a caller's deadline
+        # (set by mpflight._registry, which keeps the table mapped until it has run).
+        self.defer: Callable[[Callable[[], object]], None] = _no_deferral
+        # The wrapping tier's hook (mpflight._tier), called after the lock is released with each call
+        # that carried its bytes and was aborted or freed meanwhile: (event, key, bytes, reason).
+        self.hook: Callable[[str, str | bytes, bytes, str], None] | None = None
+        self.events: list[tuple[str, str | bytes, bytes, str]] = []
+        self.replaced = False  # a waiter saw the name lead elsewhere: the next call moves
         self.closed = False
-        self.damaged = (
-            False  # set under the lock when a derived field is found wrong: repair on the next entry
-        )
+        # Set under the lock when a derived field is found wrong: repair on the next entry.
+        self.damaged = False
 
     # -- creation ------------------------------------------------------------------------------
 
@@ -207,7 +216,7 @@ class Table:
             mm[:] = bytes(g.size)  # a creator may have died halfway: start from zeros
             name = self.group.encode()
             HEADER.pack_into(
-                mm, 0, MAGIC, LAYOUT_VERSION, 0, slots, SLOT_SIZE, KEY_CAP, RESULT_CAP, g.records,
+                mm, 0, MAGIC, LAYOUT_VERSION, 0, slots, SLOT_SIZE, KEY_CAP, PAYLOAD_CAP, g.records,
                 RECORD_SIZE, len(name), _owner.pid_namespace(), time.time(), name,
             )  # fmt: skip
             mm[H_NONCE : H_NONCE + 4] = secrets.token_bytes(4)
@@ -223,28 +232,37 @@ class Table:
         pidns, name = fields[10], fields[12]
         what = f"mpflight table {self.group!r} ({self.file.os_name})"
         if magic != MAGIC or version != LAYOUT_VERSION:
-            raise MPFlightError(
-                f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})"
+            raise IncompatibleTable(
+                self.group, f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})"
             )
         assert isinstance(t_slots, int) and isinstance(name, bytes) and isinstance(name_len, int)
         if (slot_size, key_cap, result_cap, record_size) != (
             SLOT_SIZE,
             KEY_CAP,
-            RESULT_CAP,
+            PAYLOAD_CAP,
             RECORD_SIZE,
         ) or not (1 <= t_slots <= MAX_SLOTS):
-            raise MPFlightError(f"{what} has another geometry than this version of mpflight writes")
+            raise IncompatibleTable(
+                self.group, f"{what} has another geometry than this version of mpflight writes"
+            )
         g = Geometry.for_slots(t_slots)
         if records != g.records or size < g.size:
-            raise MPFlightError(f"{what} is damaged: its size or record count does not match its header")
+            raise DamagedTable(
+                self.group, f"{what} is damaged: its size or record count does not match its header"
+            )
         if name[:name_len] != self.group.encode():
-            raise MPFlightError(f"{what} belongs to group {name[:name_len]!r}: two names share one digest")
+            raise IncompatibleTable(
+                self.group, f"{what} belongs to group {name[:name_len]!r}: two names share one digest"
+            )
         if slots is not None and slots != t_slots:
-            raise MPFlightError(f"{what} exists with {t_slots} slots, not {slots}: unlink it to resize")
+            raise IncompatibleTable(
+                self.group, f"{what} exists with {t_slots} slots, not {slots}: unlink it to resize"
+            )
         if pidns not in (0, _owner.pid_namespace()) and "pidns-check" not in _faults.DISABLED:
-            raise MPFlightError(
+            raise IncompatibleTable(
+                self.group,
                 f"{what} is used by processes in another pid namespace, whose pids this process cannot "
-                "check: give each container its own /dev/shm, or share the pid namespace too"
+                "check: give each container its own /dev/shm, or share the pid namespace too",
             )
         return g
 
@@ -253,30 +271,53 @@ class Table:
     def locked(self, body: Callable[..., R], *args: object, deadline: float | None = None) -> R:
         """Run ``body(*args)`` holding the table lock, after repairing what a dead holder left.
 
-        The only way the library takes the lock (the uncontended path of do() inlines the same steps).
-        The dirty byte is set while the body writes: a body that does not return, because its process
-        died or an exception was raised inside it, leaves it set, and the next holder repairs.
+        The only way the library takes the lock, the uncontended call included. The dirty byte is
+        set while the body writes: a body that does not return, because its process died or an
+        exception was raised inside it, leaves it set, and the next holder repairs.
         Raises LockTimeout when ``deadline`` (monotonic) passes before the lock is free.
         """
-        hold = self.lock.hold()
+        lock = self.lock
         try:
-            self.lock.acquire(hold, deadline)
-            if _faults.FAULT:
+            hold = lock.local.hold
+        except AttributeError:
+            hold = lock.hold()
+        try:
+            if hold.fd == hold.own:
+                try:  # acquire's first step, taken here because it is what nearly every hold needs
+                    flock(hold.fd, LOCK_EX | LOCK_NB)  # contended when it raises
+                except BlockingIOError:
+                    lock.acquire(hold, deadline)  # contended
+            else:
+                lock.acquire(hold, deadline)
+            if _FAULT:
                 _faults.reached("locked")
             mm = self.mm
             if mm[H_DIRTY]:
-                if "repair" in _faults.DISABLED:
+                if not _REPAIR:
                     return body(*args)  # work on the damage as it is; the byte stays set for others
                 self.repair()
             mm[H_DIRTY] = 1
             result = body(*args)
             if self.damaged:
                 self.damaged = False  # the byte stays set: the next holder repairs what we found
-            elif "repair" not in _faults.DISABLED:
+            elif _REPAIR:
                 mm[H_DIRTY] = 0
             return result
         finally:
             flock(hold.fd, LOCK_UN)
+            if self.events:
+                self._tell_tier()
+
+    def _tell_tier(self) -> None:
+        """Outside the lock: hand the events the body noted to the wrapping tier's hook."""
+        events, self.events = self.events, []
+        hook = self.hook
+        for event in events:
+            if hook is not None:
+                try:
+                    hook(*event)
+                except Exception:
+                    log.exception("mpflight table %r: the tier's %s hook failed", self.group, event[0])
 
     def peek(self, body: Callable[..., R], *args: object) -> R:
         """Run ``body(*args)`` holding the lock, to copy a consistent snapshot: no repair, no write."""
@@ -312,28 +353,29 @@ class Table:
 
     def segment(self, index: int) -> str:
         """The name of the result segment slot ``index`` records (S_SEGMENT_TOKEN)."""
-        return segment_name(self.group, self.nonce, index, self.u64s[index * U64S + S_SEGMENT_TOKEN // 8])
+        return segment_name(self.group, self.nonce, index, self.u64s[index * U64S + Q_SEGMENT_TOKEN])
 
     def sem_token(self, index: int) -> int:
-        return self.u64s[index * U64S + S_SEM_TOKEN // 8] if 0 <= index < self.slots else 0
+        return self.u64s[index * U64S + Q_SEM_TOKEN] if 0 <= index < self.slots else 0
 
     def set_sem_token(self, index: int, token: int) -> None:
         """Under the lock: slot ``index``'s semaphore is now the one named by ``token``."""
-        self.u64s[index * U64S + S_SEM_TOKEN // 8] = token
+        self.u64s[index * U64S + Q_SEM_TOKEN] = token
 
     def write_segment(self, index: int, payload: bytes | memoryview) -> None:
-        """Outside the lock, in COMPLETING (the result area is the owner's): put ``payload`` in a new
+        """Outside the lock, in COMPLETING (the payload area is the owner's): put ``payload`` in a new
         segment with a random name, recorded in the slot before the segment is made (so that an aborter
         or gc that sees the segment also sees its name), with the table's mode and group."""
         for _ in range(NAME_TRIES):
-            self.u64s[index * U64S + S_SEGMENT_TOKEN // 8] = new_token(self.gen(index))
+            self.u64s[index * U64S + Q_SEGMENT_TOKEN] = new_token(self.gen(index))
             try:
                 write_segment(self.segment(index), payload, self.mode, self.gid)
                 return
             except SegmentExists:
                 continue
-        raise MPFlightError(
-            f"cannot create a result segment for table {self.group!r}: {NAME_TRIES} names in a row exist"
+        raise AccessDenied(
+            self.group,
+            f"cannot create a result segment for table {self.group!r}: {NAME_TRIES} names in a row exist",
         )
 
     def map_segment(self, index: int, length: int) -> mmap.mmap:
@@ -344,53 +386,12 @@ class Table:
         return self.geo.slot_base + index * SLOT_SIZE
 
     def gen(self, index: int) -> int:
-        return self.u64s[index * U64S]  # S_GEN is 0
-
-    def u32(self, off: int) -> int:
-        return int.from_bytes(self.mm[off : off + 4], "little")
-
-    def set_u32(self, off: int, value: int) -> None:
-        self.mm[off : off + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
-
-    def unjoin(self, index: int) -> None:
-        """Under the lock: the call in slot ``index`` takes no new joiners from now on."""
-        off = self.slot_off(index)
-        flags = self.u32(off + S_FLAGS)
-        if flags & JOINABLE:
-            self.set_u32(off + S_FLAGS, flags & ~JOINABLE)
-            self.unhome(self.u32(off + S_HOME))
-
-    def unhome(self, home: int) -> None:
-        """Under the lock: one joinable call fewer has ``home`` as its home slot."""
-        if home >= self.slots or self.homes[home] == 0:
-            self.damaged = True  # only damage gets here; the call goes on, and the table is repaired
-            return
-        self.homes[home] -= 1
-
-    def waiters_of(self, index: int) -> int:
-        """Under the lock: slot ``index``'s waiter count, which can never exceed the records."""
-        waiters = self.u32(self.slot_off(index) + S_WAITERS)
-        if waiters > self.records:
-            self.damaged = True
-            return self.records
-        return waiters
+        return self.u64s[index * U64S + Q_GEN]
 
     def bump(self, counter: int, n: int = 1) -> None:
         """Under the lock: add to a shared counter (wrapping, so garbage in it cannot raise)."""
         c = self.counters
         c[counter] = (c[counter] + n) & 0xFFFFFFFFFFFFFFFF
-
-    def free(self, index: int, gen: int) -> str | None:
-        """Under the lock: make slot ``index`` FREE. Returns its segment's name to unlink, if it has one."""
-        off = self.slot_off(index)
-        if self.states[index] == RUNNING:
-            self.unjoin(index)
-        self.states[index] = FREE
-        self.local.pop((index, gen), None)
-        self.owners.pop((index, gen), None)
-        if self.mm[off + S_RESULT_WHERE] == RESULT_SEGMENT:
-            return self.segment(index)
-        return None
 
     # -- repair ----------------------------------------------------------------------------------
 
@@ -425,30 +426,30 @@ class Table:
                 continue
             off = self.slot_off(i)
             gen, home, flags, _, joins = SLOT.unpack_from(mm, off)[:5]
-            where, length = mm[off + S_RESULT_WHERE], self.u32(off + S_RESULT_LEN)
+            where, length = mm[off + S_PAYLOAD_AT], self.u32s[i * U32S + I_PAYLOAD_LEN]
             key_len = int.from_bytes(mm[off + S_KEY_LEN : off + S_KEY_LEN + 8], "little")
             sane = (
                 state <= DONE
                 and home < slots
                 and mm[off + S_KEY_KIND] <= 3
                 and key_len <= MAX_KEY_BYTES
-                and where in (RESULT_NONE, RESULT_INLINE, RESULT_SEGMENT, RESULT_LOCAL)
-                and (where != RESULT_INLINE or length <= RESULT_CAP)
+                and where in (PAYLOAD_NONE, PAYLOAD_INLINE, PAYLOAD_SEGMENT, PAYLOAD_LOCAL)
+                and (where != PAYLOAD_INLINE or length <= PAYLOAD_CAP)
             )
             if not sane:
                 states[i] = FREE
                 log.warning("mpflight table %r: slot %d held garbage; freed", self.group, i)
                 continue
-            self.set_u32(off + S_WAITERS, counts[i])
-            self.set_u32(off + S_JOINS, max(joins, counts[i]))
+            self.u32s[i * U32S + I_WAITERS] = counts[i]
+            self.u32s[i * U32S + I_JOINS] = max(joins, counts[i])
             if state == DONE and counts[i] == 0:
                 states[i] = FREE
-                if where == RESULT_SEGMENT:
+                if where == PAYLOAD_SEGMENT:
                     unlink.append(self.segment(i))
             elif state == RUNNING and flags & JOINABLE:
                 homes[home] += 1
             elif state != RUNNING:
-                self.set_u32(off + S_FLAGS, flags & ~JOINABLE)
+                self.u32s[i * U32S + I_FLAGS] = flags & ~JOINABLE
         for i in range(slots):
             self.homes[i] = homes[i]
         for name in unlink:
@@ -462,8 +463,7 @@ class Table:
         self.local.clear()
         self.owners.clear()  # the parent's callers are not ours
         self.readers.clear()
-        self.active.clear()
-        self.checked = -float("inf")  # the first call goes the general way, which starts a reaper
+        self.events.clear()
 
     def close(self) -> None:
         if not self.closed:

@@ -271,11 +271,11 @@ def ms(x: float) -> str:
 # -- W1: per-call overhead -----------------------------------------------------------------------------------
 
 
-def w1(env: dict[str, Any], quick: bool) -> dict[str, Any]:
+def w1(env: dict[str, Any], quick: bool, kinds: list[str] = PEERS) -> dict[str, Any]:
     calls = 2000 if quick else 20000
     repeats = 3 if quick else 7
     out: dict[str, Any] = {}
-    for kind in PEERS:
+    for kind in kinds:
         n = calls if kind not in ("filelock", "diskcache", "redis", "manager") else max(200, calls // 20)
         with peer_spec(kind, "w1", env) as spec:
             if spec is None:
@@ -363,10 +363,10 @@ def herd(spec: dict[str, Any], processes: int, rounds: int, size: int, sleep: fl
     }
 
 
-def w2(env: dict[str, Any], quick: bool) -> dict[str, Any]:
+def w2(env: dict[str, Any], quick: bool, kinds: list[str] = CROSS) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in (4, 8) if quick else (8, 32):
-        for kind in CROSS:
+        for kind in kinds:
             rounds = 2 if quick else (20 if kind != "redis" else 8)
             with peer_spec(kind, f"w2-{n}", env) as spec:
                 out[f"{kind}/{n}"] = None if spec is None else herd(spec, n, rounds, 1024, 0.02)
@@ -923,7 +923,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of every table, under a minute")
     parser.add_argument("--markdown", type=Path, help="write the report here")
     parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument(
+        "--ab", action="store_true",
+        help="W1 and W2 of mpflight alone, one JSON line: for runs of two versions side by side",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.ab:
+        one = {"w1": w1({}, args.quick, ["mpflight"]), "w2": w2({}, args.quick, ["mpflight"])}
+        herds = {k.split("/")[1]: v["wake"]["median"] * 1e3 for k, v in one["w2"].items()}
+        print(json.dumps({"w1_us": one["w1"]["mpflight"]["us_per_call"], "w2_wake_ms": herds}))
+        return 0
     results: dict[str, Any] = {"quick": args.quick, "machine": machine()}
     with redis_server() as port:
         env = {"redis_port": port}

@@ -138,7 +138,7 @@ def table_problems(group: mpflight.Group) -> list[str]:
             state = t.states[i]
             if state == FREE:
                 continue
-            home, flags, waiters, _ = _layout.COMPLETION.unpack_from(t.mm, t.slot_off(i) + _layout.S_HOME)
+            home, flags, waiters = _layout.SLOT.unpack_from(t.mm, t.slot_off(i))[1:4]
             if state > DONE:
                 problems.append(f"slot {i} in state {state}")
             if waiters != counts[i]:

@@ -12,11 +12,16 @@ import mpflight
 def test_public_names() -> None:
     assert sorted(mpflight.__all__) == [
         "AbortError",
+        "AccessDenied",
         "Codec",
+        "CorruptSlot",
+        "DamagedTable",
         "DeadlockError",
         "Group",
+        "IncompatibleTable",
         "InflightCall",
         "MPFlightError",
+        "NoSpace",
         "NoSuchTable",
         "RemoteError",
         "Result",
@@ -37,6 +42,11 @@ def test_public_names() -> None:
         mpflight.RemoteError("pkg.Error", "message", "Traceback ..."),
         mpflight.DeadlockError(["a", b"b"]),
         mpflight.NoSuchTable("name"),
+        mpflight.IncompatibleTable("name", "has an incompatible layout"),
+        mpflight.DamagedTable("name", "is damaged"),
+        mpflight.CorruptSlot("name", 3, "outcome location 9"),
+        mpflight.AccessDenied("/dev/shm/x", "permission denied"),
+        mpflight.NoSpace("/dev/shm/x", "no room"),
     ],
 )
 def test_errors_pickle_with_their_data(error: mpflight.MPFlightError) -> None:

@@ -29,6 +29,6 @@ def test_quick_benchmark_produces_every_table(tmp_path: Path) -> None:
     assert results["w1"]["mpflight"]["calls"] > 0
     assert results["w2"]["mpflight/8"]["executions_per_round"] >= 1
     assert results["w5"]["mpflight"]["outcomes"]
-    assert not [e for e in os.listdir("/dev/shm") if e.startswith(("mpf2@bench-", "mpfbench"))], (
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(("mpf3@bench-", "mpfbench"))], (
         "bench cleans up"
     )

@@ -1,4 +1,4 @@
-"""Point 1 and 2 of the core: processes and threads coalesce on one key."""
+"""Processes and threads coalesce on one key: independent interpreters, pool children, threads."""
 
 from __future__ import annotations
 

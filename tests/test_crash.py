@@ -70,7 +70,7 @@ def run_worker(*args: str, **env: str) -> Any:
     return json.loads(out.read_text())
 
 
-# -- 1. the owner dies inside fn ------------------------------------------------------------------
+# -- owner death inside fn: the owner check --------------------------------------------------------
 
 
 @pytest.mark.parametrize("death", ["sigkill", "exit", "segfault"])
@@ -125,7 +125,7 @@ def test_check_interval_is_a_group_option(name: str, tmp_path: Path) -> None:
     assert isinstance(box[0], mpflight.AbortError)
 
 
-# -- 2. identity that cannot be fooled ------------------------------------------------------------
+# -- identity: zombies, reused pids, clock steps, pid namespaces -----------------------------------
 
 
 @pytest.mark.parametrize(("disabled", "expected"), [("", "AbortError"), ("zombie-check", "TimeoutError")])
@@ -193,7 +193,22 @@ def test_a_clock_step_never_makes_a_live_owner_look_dead(
         group.gc()
 
 
-# -- 3. a process dies at a named step, inside the table lock or out of it --------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="a new pid namespace needs root")
+@pytest.mark.parametrize(
+    ("disabled", "expected"), [("", "another pid namespace"), ("pidns-check", "attached")]
+)
+def test_a_process_of_another_pid_namespace_is_refused(name: str, disabled: str, expected: str) -> None:
+    mpflight.Group(name).close()
+    code = f"import mpflight\ntry:\n mpflight.Group({name!r}).close(); print('attached')\nexcept mpflight.MPFlightError as e: print(e)"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPFLIGHT_TEST_DISABLE=disabled)
+    proc = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+        env=env, capture_output=True, text=True, timeout=DEADLINE, check=False,
+    )  # fmt: skip
+    assert expected in proc.stdout, proc.stderr
+
+
+# -- death at a named step: the kernel's lock, the dirty byte and repair ---------------------------
 
 OWNER_STEPS = [
     # (MPFLIGHT_FAULT, what fn returns, what its waiters get)
@@ -292,9 +307,11 @@ def test_waiter_killed_while_aborting_a_dead_owners_call(name: str, tmp_path: Pa
 
 @pytest.mark.parametrize("step", ["claim", "join", "leave"])
 def test_without_repair_a_dead_lock_holder_leaves_the_table_broken(
-    name: str, tmp_path: Path, step: str
+    name: str, tmp_path: Path, step: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same crashes, read by a process that does not repair: the invariants are broken."""
+    # The owner's reaper would take the lock (and repair) at moments of its own, before the check.
+    monkeypatch.setenv("MPFLIGHT_TEST_DISABLE", "reaper")
     mpflight.Group(name).close()
     proc = None
     if step == "claim":
@@ -318,7 +335,7 @@ def test_without_repair_a_dead_lock_holder_leaves_the_table_broken(
         group.gc()
 
 
-# -- 4. a waiter dies or gives up -------------------------------------------------------------------
+# -- waiter death and departure: reclaimed records, stale wake-ups ---------------------------------
 
 
 def test_a_waiter_killed_while_blocked(name: str, tmp_path: Path) -> None:
@@ -415,7 +432,7 @@ def test_a_later_generation_gets_no_stale_wake_up(name: str, tmp_path: Path) -> 
         assert box[0] == mpflight.Result("B", True)
 
 
-# -- 6. the table disappears under live workers -----------------------------------------------------
+# -- table identity: the table removed under live workers ------------------------------------------
 
 REPLACED = textwrap.dedent(
     """
@@ -467,7 +484,7 @@ def test_a_removed_table_is_noticed_and_replaced(
             proc.join(DEADLINE)
 
 
-# -- 7. a table left by a crashed deployment --------------------------------------------------------
+# -- a crashed deployment: the next start repairs and reclaims -------------------------------------
 
 
 def test_a_table_left_by_a_crashed_deployment(name: str, tmp_path: Path) -> None:
@@ -497,7 +514,7 @@ def test_a_table_left_by_a_crashed_deployment(name: str, tmp_path: Path) -> None
         assert table_problems(group) == []
 
 
-# -- 9. waits that can never end ------------------------------------------------------------------
+# -- waits that can never end: the cycle check -----------------------------------------------------
 
 
 def _cycle(name: str, mine: str, other: str, gate: str, runs: str, out: str, timeout: float) -> None:
@@ -543,21 +560,6 @@ def test_a_cross_process_cycle_is_refused(
         assert "'A' -> 'B'" in got["message"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a new pid namespace needs root")
-@pytest.mark.parametrize(
-    ("disabled", "expected"), [("", "another pid namespace"), ("pidns-check", "attached")]
-)
-def test_a_process_of_another_pid_namespace_is_refused(name: str, disabled: str, expected: str) -> None:
-    mpflight.Group(name).close()
-    code = f"import mpflight\ntry:\n mpflight.Group({name!r}).close(); print('attached')\nexcept mpflight.MPFlightError as e: print(e)"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPFLIGHT_TEST_DISABLE=disabled)
-    proc = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
-        env=env, capture_output=True, text=True, timeout=DEADLINE, check=False,
-    )  # fmt: skip
-    assert expected in proc.stdout, proc.stderr
-
-
 def test_threads_cycle_in_one_process_is_refused(name: str) -> None:
     """Two threads of one process, each owning a key and asking for the other's."""
     with mpflight.Group(name, timeout=DEADLINE) as group:
@@ -595,6 +597,9 @@ def test_threads_cycle_in_one_process_is_refused(name: str) -> None:
     assert b_waits.is_set()
     assert isinstance(results["b"], mpflight.DeadlockError)
     assert isinstance(results["a"], mpflight.DeadlockError)  # B's outcome, shared with A's owner
+
+
+# -- gc: orphaned segments, decided under the table lock -------------------------------------------
 
 
 def test_gc_never_unlinks_a_segment_being_written(

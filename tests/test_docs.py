@@ -39,7 +39,7 @@ def test_header_table_matches_the_code() -> None:
     offsets = [o for o, _ in rows]
     assert offsets == [
         _layout.H_MAGIC, _layout.H_VERSION, _layout.H_READY, _layout.H_SLOTS, _layout.H_SLOT_SIZE,
-        _layout.H_KEY_CAP, _layout.H_RESULT_CAP, _layout.H_RECORDS, _layout.H_RECORD_SIZE, _layout.H_NAME_LEN,
+        _layout.H_KEY_CAP, _layout.H_PAYLOAD_CAP, _layout.H_RECORDS, _layout.H_RECORD_SIZE, _layout.H_NAME_LEN,
         _layout.H_PIDNS, _layout.H_CREATED, _layout.H_NAME, _layout.H_NONCE, _layout.H_COUNTERS, _layout.H_DIRTY,
         _layout.H_MODE,
     ]  # fmt: skip
@@ -52,10 +52,11 @@ def test_slot_table_matches_the_code() -> None:
     assert [o for o, _ in rows] == [
         _layout.S_GEN, _layout.S_HOME, _layout.S_FLAGS, _layout.S_WAITERS, _layout.S_JOINS, _layout.S_OWNER_PID,
         _layout.S_BLOCKED_SLOT, _layout.S_OWNER_START, _layout.S_OWNER_TID, _layout.S_STARTED,
-        _layout.S_BLOCKED_GEN, _layout.S_KEY_KIND, _layout.S_RESULT_WHERE, _layout.S_RESULT_LEN,
-        _layout.S_KEY_LEN, _layout.S_SEM_TOKEN, _layout.S_SEGMENT_TOKEN, _layout.S_KEY, _layout.S_RESULT,
+        _layout.S_BLOCKED_GEN, _layout.S_KEY_KIND, _layout.S_PAYLOAD_AT, _layout.S_PAYLOAD_LEN,
+        _layout.S_KEY_LEN, _layout.S_TIER_LEN, _layout.S_SEM_TOKEN, _layout.S_SEGMENT_TOKEN, _layout.S_TIER, _layout.S_KEY,
+        _layout.S_PAYLOAD,
     ]  # fmt: skip
-    assert rows[-2:] == [(_layout.S_KEY, _layout.KEY_CAP), (_layout.S_RESULT, _layout.RESULT_CAP)]
+    assert rows[-2:] == [(_layout.S_KEY, _layout.KEY_CAP), (_layout.S_PAYLOAD, _layout.PAYLOAD_CAP)]
     assert _layout.SLOT_SIZE == 2048
     # every field's offset + size fits the struct the code packs
     for (offset, size), (nxt, _) in itertools.pairwise(rows):

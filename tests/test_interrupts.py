@@ -1,6 +1,6 @@
 """An exception raised at every point where CPython can deliver an asynchronous one, along each call path.
 
-Issue 9, point 3: a KeyboardInterrupt, a SIGALRM timeout, Celery's soft time limit or an exception set by
+A KeyboardInterrupt, a SIGALRM timeout, Celery's soft time limit or an exception set by
 ``PyThreadState_SetAsyncExc``, raised anywhere on the paths of ``do``, ``do_ex``, ``do_future`` and
 ``do_async``, owner or waiter, in any thread, leaves nothing behind in the process that survives it: the
 table's thread lock and flock are free, no slot of this process is left running, completing or done, no
@@ -94,8 +94,8 @@ def table_path(group: mpflight.Group) -> str:
 
 def no_housekeeping_now(group: mpflight.Group) -> None:
     """Make the housekeeping pass not due, so that every run of a path passes the same points."""
-    assert group._t is not None
-    group._t.checked = time.monotonic()
+    assert group._at is not None
+    group._at.checked = time.monotonic()
 
 
 def join_call_threads(handle: mpflight.Group, before: set[threading.Thread]) -> None:
@@ -643,7 +643,7 @@ def _one_run(s: Scenario, index: int, target: Point | None) -> Run:
 @pytest.mark.timeout(60)
 # An exception between making do_async's owner coroutine and scheduling it leaves it never awaited: the
 # slot checks report what that leaves; the warning at its collection is not this test's failure.
-@pytest.mark.filterwarnings("ignore:coroutine 'Group._own_async' was never awaited:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:coroutine '_own_async' was never awaited:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(("path", "exc"), CASES)
 def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
@@ -653,7 +653,7 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
     began = time.monotonic()
     # This process's reaper sweeps at moments of its own too: keep its rounds out during the runs (a
     # single exception is cleaned up by the caller itself, at once).
-    mpflight._group._reaper.sweeping.acquire()
+    mpflight._housekeeping.reaper.sweeping.acquire()
     try:
         judge(s, _one_run(s, -1, None))  # a first call computes and caches what later calls reuse
         dry = _one_run(s, 0, None)
@@ -672,7 +672,7 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
                 judge(s, runs[-1])
                 if runs[-1].inj.fired is not None:
                     break
-        mpflight._group._reaper.sweeping.release()  # what is left to judge may be the reaper's to end
+        mpflight._housekeeping.reaper.sweeping.release()  # what is left to judge may be the reaper's to end
         settle(s)
         fired = {run.inj.fired for run in runs}
         for run in runs:
@@ -688,9 +688,9 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
                 role = _thread_role(run.inj.fired_in)
                 s.fired_in[role] = s.fired_in.get(role, 0) + 1
     finally:
-        if mpflight._group._reaper.sweeping.locked():
+        if mpflight._housekeeping.reaper.sweeping.locked():
             with contextlib.suppress(RuntimeError):
-                mpflight._group._reaper.sweeping.release()
+                mpflight._housekeeping.reaper.sweeping.release()
         # The peer may still be joining a call of a run (its command threads end within its timeout):
         # let it finish and close its groups first, or it could make a semaphore after the unlink.
         with s.gate:

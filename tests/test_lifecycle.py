@@ -1,4 +1,4 @@
-"""Points 8 to 11 of the core: creation races, geometry, signals and clocks, bad input, modes."""
+"""A table's life: creation races, geometry, signals and clocks, bad input, modes."""
 
 from __future__ import annotations
 

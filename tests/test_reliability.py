@@ -1,5 +1,5 @@
-"""Issue 9's reliability points: deadlines bound the table lock, close() against calls in flight, "is
-this me" by identity, and nothing dead lingers in a quiet table (each process's reaper).
+"""Reliability: deadlines bound the table lock, close() against calls in flight, "is this me" by
+identity, and nothing dead lingers in a quiet table (each process's reaper).
 
 Each mechanism's test also runs with it switched off (MPFLIGHT_TEST_DISABLE, read at import, so that
 side runs in a child process) and shows the failure it prevents.
@@ -64,7 +64,7 @@ def release(proc: subprocess.Popen[str]) -> None:
     proc.communicate(timeout=DEADLINE)
 
 
-# -- 4. timeouts bound everything, the table lock included ---------------------------------------------
+# -- deadlines: timeouts bound every wait, the table lock included ----------------------------------------
 
 
 @pytest.mark.parametrize("disabled", ["", "lock-deadline"])
@@ -135,7 +135,7 @@ def test_an_owner_gets_its_value_though_the_lock_is_held_past_its_deadline(name:
 def test_a_long_wait_for_the_lock_is_logged_once_with_the_holder(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(mpflight._group, "LONG_LOCK_WAIT", 0.3)
+    monkeypatch.setattr(mpflight._housekeeping, "LONG_LOCK_WAIT", 0.3)
     caplog.set_level(logging.WARNING, logger="mpflight")
     with mpflight.Group(name) as group:
         group.do("warm", int)  # the reaper runs from the first call on
@@ -151,7 +151,7 @@ def test_a_long_wait_for_the_lock_is_logged_once_with_the_holder(
     assert len(warnings) == 1 and f"pid {holder.pid}" in warnings[0], warnings
 
 
-# -- 5. close() against calls in flight ------------------------------------------------------------------
+# -- close() against calls in flight ----------------------------------------------------------------------
 
 
 def test_close_racing_calls_never_leaks_a_call(name: str) -> None:
@@ -187,14 +187,15 @@ def test_close_racing_calls_never_leaks_a_call(name: str) -> None:
         assert group.do("k", lambda: "fresh") == "fresh"
 
 
+# -- "is this me": by (pid, start time), and a live token of ours -----------------------------------------
+
+
 def _orphan(group: mpflight.Group, key: str, tid: int) -> None:
     """Leave in the table what a caller of this process leaves when an exception takes it out of do()
     between its claim and fn: a RUNNING call of ours, nobody responsible for it, named after ``tid``."""
-    t = group._table()
-    token = mpflight._group._Token()
-    role, _, _, _ = group._enter(t, key, tid, token, None, True)
-    assert role == mpflight._group._OWN
-    del token  # gone: what an interrupted caller leaves
+    caller = group._tier.caller(None)
+    assert caller.enter(key, tid, True) == mpflight._protocol.OWN
+    del caller  # gone: what an interrupted caller leaves
 
 
 @pytest.mark.parametrize("disabled", ["", "own-identity"])
@@ -226,7 +227,7 @@ def test_a_reused_pid_is_not_ourselves(name: str, tmp_path: Path, disabled: str)
         "with t:\n"
         "    [i] = [i for i in range(t.slots) if t.states[i] == 1]\n"
         "    off = t.slot_off(i)\n"
-        "    t.set_u32(off + _layout.S_OWNER_PID, os.getpid())\n"
+        "    t.u32s[i * _layout.U32S + _layout.I_OWNER_PID] = os.getpid()\n"
         "    t.mm[off + _layout.S_OWNER_TID : off + _layout.S_OWNER_TID + 8] = threading.get_ident().to_bytes(8, 'little')\n"
         "try:\n    print(json.dumps(g.do('k', lambda: 'ran')))\n"
         "except mpflight.DeadlockError as e:\n    print(json.dumps(type(e).__name__))\n"
@@ -239,7 +240,7 @@ def test_a_reused_pid_is_not_ourselves(name: str, tmp_path: Path, disabled: str)
         proc.join(DEADLINE)
 
 
-# -- 9. nothing dead lingers ------------------------------------------------------------------------------
+# -- nothing dead lingers: the reaper, recovery, the counters ---------------------------------------------
 
 
 def _table_view(name: str) -> tuple[mmap.mmap, _layout.Geometry]:

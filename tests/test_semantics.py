@@ -1,4 +1,4 @@
-"""Points 3 and 5 to 7 of the core: keys, Go's semantics, a full table, re-entry."""
+"""Keys, Go's semantics, a full table, re-entry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import mpflight
+from mpflight import _protocol
 from tests import workers
 from tests.helpers import DEADLINE, Gate, join_in_thread, mp_context, remote_owner, wait_until, waiting
 
@@ -68,14 +69,14 @@ def test_nobody_joins_a_call_that_is_completing(
     """Go 8fcdb60: while the owner writes its outcome, a new caller starts a new call instead of joining."""
     writing = threading.Event()
     release = threading.Event()
-    real = mpflight.Group._write_outcome
+    real = _protocol.Call._write_outcome
 
-    def slow_write(self: mpflight.Group, *args: object) -> tuple[int, int]:
+    def slow_write(self: _protocol.Call, *args: object) -> tuple[int, int]:
         writing.set()
         assert release.wait(DEADLINE)
         return real(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mpflight.Group, "_write_outcome", slow_write)
+    monkeypatch.setattr(_protocol.Call, "_write_outcome", slow_write)
     gate = Gate(tmp_path)
     ctx = mp_context("spawn")
     out = tmp_path / "joiner"
@@ -210,7 +211,7 @@ def _hold_keys_and_join(name: str, keys: list[str | bytes], tmp_path: Path, slot
 
 
 def _home(key: str | bytes, slots: int) -> int:
-    kind, _, ident = mpflight._group._key_identity(key)
+    kind, _, ident = _protocol.key_identity(key)
     return zlib.crc32(ident, kind) % slots
 
 

@@ -1,4 +1,4 @@
-"""Issue 9, points 1, 2 and 8: other users are kept out, the table's mode is the group's, a full /dev/shm.
+"""Other users are kept out, the table's mode is the group's, a full /dev/shm is a clear error.
 
 The attacker is a real second identity: a process forked after import that switches to an unused uid
 and gid (ATTACKER) with setresgid/setresuid. Every test also runs with its mechanism switched off
@@ -93,7 +93,7 @@ def _as(uid: int | None, fn: Callable[..., Any], *args: Any, groups: tuple[int, 
     return Child(uid, fn, *args, groups=groups).outcome()
 
 
-# -- (a) a table made by another user -------------------------------------------------------------------
+# -- a table made by another user -----------------------------------------------------------------------
 
 
 def _attacker_owns_config(name: str, joined: Any, refused: Any) -> str:
@@ -119,7 +119,7 @@ def test_a_table_made_by_another_user_is_refused(
     ctx = mp_context("fork")
     joined, refused = ctx.Event(), ctx.Event()
     attacker = Child(ATTACKER, _attacker_owns_config, name, joined, refused)
-    path = f"/dev/shm/mpf2@{name}"
+    path = f"/dev/shm/mpf3@{name}"
     wait_until(lambda: os.path.exists(path) and os.stat(path).st_size > 0, "the attacker's table")
     wait_until(lambda: "config" in _keys_in(path), "the attacker's call")
     if disabled:
@@ -159,11 +159,11 @@ def test_a_squatted_name_is_refused_empty_or_copied(name: str, contents: str) ->
         other = f"{name}-model"
         with mpflight.Group(other) as model:
             assert model.do("config", lambda: "x") == "x"
-        data = Path(f"/dev/shm/mpf2@{other}").read_bytes()
+        data = Path(f"/dev/shm/mpf3@{other}").read_bytes()
         mpflight.unlink(other)
-    path = f"/dev/shm/mpf2@{name}"
+    path = f"/dev/shm/mpf3@{name}"
     assert _as(ATTACKER, _attacker_writes, path, data) == ("ok", None)
-    with pytest.raises(mpflight.MPFlightError, match=f"uid {ATTACKER}"):
+    with pytest.raises(mpflight.AccessDenied, match=f"uid {ATTACKER}"):
         mpflight.Group(name)
     assert os.stat(path).st_size == len(data)
     assert mpflight.unlink(name) is True
@@ -192,7 +192,7 @@ def test_unlink_by_another_user_does_not_raise(name: str) -> None:
         waiter.join(DEADLINE)
 
 
-# -- (b) modes that let a reader hold the lock ----------------------------------------------------------
+# -- modes that let a reader hold the lock --------------------------------------------------------------
 
 
 def _hold_lock_read_only(path: str, locked: Any, release: Any) -> bool:
@@ -217,8 +217,8 @@ def test_read_without_write_is_refused(name: str, mode: int) -> None:
 def test_a_table_whose_mode_lets_readers_lock_is_refused(name: str) -> None:
     """A table chmod-ed (or made by an older mpflight) to 0o644 is refused on attach."""
     mpflight.Group(name).close()
-    os.chmod(f"/dev/shm/mpf2@{name}", 0o644)
-    with pytest.raises(mpflight.MPFlightError, match="read access alone"):
+    os.chmod(f"/dev/shm/mpf3@{name}", 0o644)
+    with pytest.raises(mpflight.AccessDenied, match="read access alone"):
         mpflight.Group(name)
 
 
@@ -229,7 +229,7 @@ def test_without_the_mode_check_a_reader_holds_the_lock(name: str, monkeypatch: 
     ctx = mp_context("fork")
     locked, release = ctx.Event(), ctx.Event()
     with mpflight.Group(name, mode=0o644) as group:
-        attacker = Child(ATTACKER, _hold_lock_read_only, f"/dev/shm/mpf2@{name}", locked, release)
+        attacker = Child(ATTACKER, _hold_lock_read_only, f"/dev/shm/mpf3@{name}", locked, release)
         assert locked.wait(DEADLINE)
         with pytest.raises(BlockingIOError):
             fcntl.flock(group._table().file.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -237,7 +237,7 @@ def test_without_the_mode_check_a_reader_holds_the_lock(name: str, monkeypatch: 
         assert attacker.value() is True
 
 
-# -- (c) predictable names pre-created --------------------------------------------------------------------
+# -- predictable names pre-created ----------------------------------------------------------------------
 
 
 def _squat(names: list[str]) -> int:
@@ -285,7 +285,7 @@ def test_pre_created_names_change_nothing(name: str, disabled: str, monkeypatch:
             for key in ("a", "b", "c"):
                 got = _owner_and_remote_waiter(group, name, key)
                 if disabled:
-                    assert got[0] == "raised" and got[1] == "MPFlightError" and "exist" in got[2], got
+                    assert got[0] == "raised" and got[1] == "AccessDenied" and "exist" in got[2], got
                     break
                 assert got == ("ok", BIG)
         finally:
@@ -318,7 +318,7 @@ def _owner_and_remote_waiter(group: mpflight.Group, name: str, key: str) -> tupl
     return got
 
 
-# -- (d) a segment of another user -------------------------------------------------------------------------
+# -- a segment of another user --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("disabled", ["", "owner-trust"])
@@ -348,12 +348,12 @@ def test_a_segment_of_another_user_is_refused(
     if disabled:
         assert got == ("ok", "attacker's value".ljust(len(BIG), "!"))
     else:
-        assert got[0] == "raised" and got[1] in ("MPFlightError", "AbortError"), got
+        assert got[0] == "raised" and got[1] in ("AccessDenied", "AbortError"), got
         assert "refuses the result segment" in got[2] and f"uid {ATTACKER}" in got[2]
         assert "attacker" not in got[2]
 
 
-# -- (e) the table's mode is the group's ----------------------------------------------------------------
+# -- the table's mode is the group's --------------------------------------------------------------------
 
 
 def _stat(path: str) -> tuple[int, int, int]:
@@ -397,7 +397,7 @@ def test_every_process_uses_the_tables_mode_and_group(
     mechanism, the member makes them with its own 0o600 and its own group."""
     _disable(monkeypatch, disabled)
     mpflight.Group(name, mode=0o660, slots=1).close()
-    os.chown(f"/dev/shm/mpf2@{name}", -1, SHARED)
+    os.chown(f"/dev/shm/mpf3@{name}", -1, SHARED)
     seen: list[tuple[int, int, int]] = []
     real = _table.map_segment
 
@@ -408,11 +408,11 @@ def test_every_process_uses_the_tables_mode_and_group(
     monkeypatch.setattr(_table, "map_segment", record)
     with mpflight.Group(name) as group:
         assert group.mode == (0o600 if disabled else 0o660)
-        with pytest.raises(mpflight.MPFlightError, match="has mode 0o660, not 0o600"):
+        with pytest.raises(mpflight.IncompatibleTable, match="has mode 0o660, not 0o600"):
             mpflight.Group(name, mode=0o600)
         for explicit in (0o777, 0o600):
             got = _as(MEMBER, _member_explicit, name, explicit, groups=(SHARED,))
-            assert got[1] == "MPFlightError" and f"has mode 0o660, not {explicit:#o}" in got[2], got
+            assert got[1] == "IncompatibleTable" and f"has mode 0o660, not {explicit:#o}" in got[2], got
         # The member is the slot's first waiter: it makes the semaphore.
         gate = threading.Event()
         owner = threading.Thread(target=group.do, args=("k", lambda: (gate.wait(DEADLINE), BIG)[1]))
@@ -461,7 +461,7 @@ def test_root_makes_its_objects_with_the_tables_group(name: str) -> None:
     """Root (primary group 0) owns a large result for a member of SHARED: the segment carries 0o660
     and SHARED, so the member accepts it."""
     mpflight.Group(name, mode=0o660, slots=1).close()
-    os.chown(f"/dev/shm/mpf2@{name}", -1, SHARED)
+    os.chown(f"/dev/shm/mpf3@{name}", -1, SHARED)
     with mpflight.Group(name) as group:
         gate = threading.Event()
         owner = threading.Thread(target=group.do, args=("k", lambda: (gate.wait(DEADLINE), BIG)[1]))
@@ -474,7 +474,7 @@ def test_root_makes_its_objects_with_the_tables_group(name: str) -> None:
         assert member.value() == (0o660, BIG)
 
 
-# -- (f) a full /dev/shm ----------------------------------------------------------------------------------
+# -- a full /dev/shm ------------------------------------------------------------------------------------
 
 FULL_SCRIPT = textwrap.dedent(
     """
@@ -520,7 +520,7 @@ FULL_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("disabled", ["", "space-errors"])
 def test_a_full_dev_shm_is_a_clear_error(tmp_path: Path, disabled: str) -> None:
     """In a 1 MiB /dev/shm (a private tmpfs in a mount namespace) filled up: the first waiter of a slot
-    cannot make its semaphore and gets MPFlightError, with no record left; a table that cannot be
+    cannot make its semaphore and gets NoSpace (an MPFlightError), with no record left; a table that cannot be
     reserved leaves no object. Without the mechanism: a bare OSError, and a 0-byte table left behind."""
     script = tmp_path / "full.py"
     script.write_text(FULL_SCRIPT)
@@ -534,14 +534,14 @@ def test_a_full_dev_shm_is_a_clear_error(tmp_path: Path, disabled: str) -> None:
     assert got["records"] == 0 and got["waiters"] == 0, got
     if disabled:
         assert got["joiner"][0] == "OSError", got
-        assert got["left"] == ["mpf2@full2"], got
+        assert got["left"] == ["mpf3@full2"], got
         return
-    assert got["joiner"][0] == "MPFlightError" and "cannot create semaphore" in got["joiner"][1], got
-    assert got["create"][0] == "MPFlightError" and "cannot reserve" in got["create"][1], got
+    assert got["joiner"][0] == "NoSpace" and "cannot create semaphore" in got["joiner"][1], got
+    assert got["create"][0] == "NoSpace" and "cannot reserve" in got["create"][1], got
     assert got["left"] == [], got
 
 
-# -- (g) the CLI never initialises a table --------------------------------------------------------------
+# -- the CLI never initialises a table ------------------------------------------------------------------
 
 
 def _cli(*args: str, disabled: str = "") -> subprocess.CompletedProcess[str]:
@@ -554,8 +554,8 @@ def _cli(*args: str, disabled: str = "") -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def empty_table(name: str) -> str:
-    posix_ipc.SharedMemory(f"/mpf2@{name}", posix_ipc.O_CREX, mode=0o600).close_fd()
-    return f"/dev/shm/mpf2@{name}"
+    posix_ipc.SharedMemory(f"/mpf3@{name}", posix_ipc.O_CREX, mode=0o600).close_fd()
+    return f"/dev/shm/mpf3@{name}"
 
 
 @pytest.mark.parametrize("disabled", ["", "no-init"])

@@ -173,9 +173,9 @@ def join(
     """
     arm()
     if checks:
-        from mpflight import _group
+        from mpflight import _owner
 
-        real_is_alive = _group._owner.is_alive
+        real_is_alive = _owner.is_alive
 
         def logged(pid: int, ticks: int) -> bool:
             alive = real_is_alive(pid, ticks)
@@ -183,7 +183,7 @@ def join(
                 f.write(f"{alive}\n")
             return alive
 
-        _group._owner.is_alive = logged  # type: ignore[assignment]
+        _owner.is_alive = logged  # type: ignore[assignment]
     if float(clock_step):
         import psutil
 

@@ -1,0 +1,220 @@
+"""How do, do_ex, do_future and do_async drive a caller through a tier (mpflight._tier).
+
+One owner runner (the entry's ``own``) for every way of calling, one wait-thread starter (``start_wait``); a
+caller's part is an Entry used as a context manager, and handing it to another thread (a pool thread,
+a wait thread, an asyncio runner) takes a ``keep`` of the tier, which that thread ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from threading import get_ident
+from typing import Any, TypeVar
+
+from ._protocol import ALONE, JOIN, OWN, Detached, Result, key_identity
+from ._tier import Entry, Tier
+
+T = TypeVar("T")
+
+# asyncio owners' runners, kept alive until they end (the loop keeps only weak references to tasks).
+_runners: set[asyncio.Task[Any]] = set()
+
+
+def call(
+    tier: Tier, key: str | bytes, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object],
+    deadline: float | None,
+) -> tuple[T, bool]:  # fmt: skip
+    """do and do_ex: (fn's value, shared), in this thread."""
+    with tier.caller(deadline) as c:
+        role = c.enter(key, get_ident(), True)
+        if role == OWN:
+            return c.own(fn, args, kwargs)
+        if role == JOIN:
+            return c.wait(key)
+        return fn(*args, **kwargs), False
+
+
+def _resolve(future: Future[Any], result: object = None, error: BaseException | None = None) -> None:
+    """Resolve a caller's future, unless it was cancelled: then that caller has already gone."""
+    if future.set_running_or_notify_cancel():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+# -- do_future ----------------------------------------------------------------------------------------
+
+
+def submit(
+    tier: Tier, pool: ThreadPoolExecutor, key: str | bytes, fn: Callable[..., T], args: tuple[object, ...],
+    kwargs: dict[str, object], deadline: float | None,
+) -> Future[Result[T]]:  # fmt: skip
+    """do_future: a Future of the Result; the call is entered in a pool thread."""
+    key_identity(key)  # a bad key raises here, at once
+    future: Future[Result[T]] = Future()
+    kept = tier.keep()
+    kept.__enter__()  # the table stays for the pool thread, whose block ends this keep
+    try:
+        pool.submit(_begin, tier, kept, future, key, fn, args, kwargs, deadline)
+    except BaseException:
+        kept.__exit__(None, None, None)
+        raise
+    return future
+
+
+def _begin(
+    tier: Tier, kept: Any, future: Future[Result[T]], key: str | bytes, fn: Callable[..., T],
+    args: tuple[object, ...], kwargs: dict[str, object], deadline: float | None,
+) -> None:  # fmt: skip
+    """In a pool thread: claim or join the call only now (a call queued behind busy pool threads holds
+    no slot that others would wait on), then run fn here, or hand the wait to a thread of its own and
+    free this pool thread."""
+    with kept:
+        if future.cancelled():
+            return
+        try:
+            with tier.caller(deadline) as c:
+                role = c.enter(key, threading.get_ident(), False)
+                if role == JOIN:
+                    start_wait(tier, c, future, key)
+                    return
+                result = (
+                    Result(*c.own(fn, args, kwargs)) if role == OWN else Result(fn(*args, **kwargs), False)
+                )
+        except BaseException as e:
+            _resolve(future, error=e)
+        else:
+            _resolve(future, result)
+
+
+def start_wait(tier: Tier, c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
+    """Wait for ``c``'s call in a thread of its own, which resolves ``future`` (and keeps the table
+    until it ends); cancelling the future makes that thread leave the call."""
+    kept = tier.keep()
+    kept.__enter__()  # ended by the wait thread
+    try:
+        threading.Thread(
+            target=_wait_into, args=(kept, c, future, key), daemon=True, name=f"mpflight-wait-{tier.name}"
+        ).start()
+    except BaseException:
+        kept.__exit__(None, None, None)
+        raise
+
+
+def _wait_into(kept: Any, c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
+    with kept:
+        try:
+            result: Result[T] = c.wait(key, future.cancelled)
+        except Detached:
+            c.recover()
+        except BaseException as e:
+            c.recover()
+            _resolve(future, error=e)
+        else:
+            _resolve(future, result)
+
+
+# -- do_async -----------------------------------------------------------------------------------------
+
+
+async def call_async(
+    tier: Tier, key: str | bytes, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object],
+    deadline: float | None,
+) -> Any:  # fmt: skip
+    """do_async: the owner runs in a task of its own (cancelling this caller spares it); a waiter waits
+    in a thread of its own; the table lock is taken briefly on the loop."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    tid = id(task) if task is not None else threading.get_ident()
+    with tier.keep():
+        c = tier.caller(deadline)
+        owning: Coroutine[Any, Any, Result[Any]] | None = None  # the owner's runner, once made
+        try:
+            role = c.enter(key, tid, False)
+            if role == ALONE:
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*args, **kwargs)
+                return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+            if role == OWN:
+                owning = _own_async(tier, c, fn, args, kwargs)
+                runner = loop.create_task(owning)
+                _runners.add(runner)
+                runner.add_done_callback(_runners.discard)
+                runner.add_done_callback(_retrieve)
+                # However the runner ends (even if an exception came before its first line), nothing
+                # it claimed stays behind.
+                runner.add_done_callback(functools.partial(_recover_now, c))
+                c.rename(id(runner))  # fn runs in the runner: re-entry is seen there
+                return (await asyncio.shield(runner)).value
+            waited: Future[Result[Any]] = Future()
+            start_wait(tier, c, waited, key)
+            try:
+                return (await asyncio.wrap_future(waited)).value
+            except BaseException:
+                # Cancelled (Ctrl-C under asyncio.run, a timeout): leave now, not when the wait thread
+                # next looks; it finds the record gone and ends.
+                waited.cancel()
+                c.recover(wait=False)
+                raise
+        except BaseException:
+            # A runner that has started ends the call itself (cancelling this caller spares it); one
+            # that has not (the exception came first, and its loop may never run it) is ended here.
+            if owning is None or inspect.getcoroutinestate(owning) == inspect.CORO_CREATED:
+                if owning is not None:
+                    made = [task for task in _runners if task.get_coro() is owning]
+                    for made_task in made:
+                        made_task.cancel()  # it throws into the coroutine before its first line
+                    if not made:
+                        owning.close()
+                c.recover(wait=False)
+            raise
+
+
+async def _own_async(
+    tier: Tier, c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object]
+) -> Result[Any]:
+    """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
+    with tier.keep():
+        try:
+            if not inspect.iscoroutinefunction(fn):
+                adopted = functools.partial(_adopted, c, fn, args, kwargs)
+                return Result(*await asyncio.get_running_loop().run_in_executor(None, adopted))
+            try:
+                value = await fn(*args, **kwargs)
+            except BaseException as e:
+                c.finish(None, e)
+                raise
+            return Result(value, c.finish(value, None))
+        except BaseException:
+            c.recover(wait=False)
+            raise
+
+
+def _adopted(
+    c: Entry, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[T, bool]:
+    """In an executor thread: run fn as the owner; the slot names this thread from now on."""
+    c.rename(threading.get_ident())
+    return c.own(fn, args, kwargs)
+
+
+def _recover_now(c: Entry, runner: asyncio.Task[Result[Any]]) -> None:
+    """An asyncio owner's runner ended: end what it left registered, if anything (it may have been
+    cancelled or interrupted before its first line)."""
+    c.recover(wait=False)
+
+
+def _retrieve(task: asyncio.Task[Result[object]]) -> None:
+    """An asyncio owner's runner ended: take its exception (its caller may have gone away)."""
+    if not task.cancelled():
+        task.exception()
+
+
+os.register_at_fork(after_in_child=_runners.clear)

@@ -1,0 +1,951 @@
+"""The slot protocol: one execution of a key's call among every process and thread sharing a table.
+
+A call lives in one slot of the table and is named by the slot's generation. Its state byte moves::
+
+            claim               finish: nobody joined
+    FREE ----------> RUNNING ------------------------> FREE
+                       |   finish: waiters joined
+                       v
+                   COMPLETING --- publish ---> DONE --- the last reader leaves ---> FREE
+                       ^                        ^
+    RUNNING, COMPLETING '--- abort -------------'  (the owner died, or left do() early)
+
+Who does what, under the table lock and outside it::
+
+    caller   under the table lock                          outside it
+    ------   --------------------                          ----------
+    owner    enter: no joinable call of the key: claim     run fn
+             finish: nobody joined: FREE the slot          (nothing to publish)
+             finish: somebody joined: COMPLETING           encode the outcome, write the payload
+             publish: DONE; count the registered waiters   post the slot's semaphore once each
+    waiter   enter: the key's joinable call: a record      wait on the semaphore; on each slice
+                                                           check the owner
+             leave: drop the record; the last one FREEs    read the outcome
+
+Every write of a state byte is in this module (repair, which rebuilds what a dead lock holder left, is
+the table's). A ``Call`` is one caller's part in one call: the owner's claim, or a waiter's record. It
+is also the caller's token: the table registers the claim or record under a weak reference to it, so
+that what an exception left registered (it skipped every cleanup, the Call is gone) is ended by the
+reaper (``end_orphans``). docs/design.md has the argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import threading
+import time
+import weakref
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
+
+from . import _codec, _faults, _owner
+from ._errors import (
+    AbortError,
+    CorruptSlot,
+    DamagedTable,
+    DeadlockError,
+    MPFlightError,
+    RemoteError,
+    SegmentFull,
+    SerializationError,
+    short_key,
+)
+from ._layout import (
+    C_ABORTS,
+    C_ERRORS,
+    C_FALLBACKS,
+    C_JOINS,
+    C_RUNS,
+    C_SHARED,
+    C_TIMEOUTS,
+    C_WAIT_NS,
+    DIGEST_SIZE,
+    I_BLOCKED_SLOT,
+    I_FLAGS,
+    I_HOME,
+    I_JOINS,
+    I_OWNER_PID,
+    I_PAYLOAD_LEN,
+    I_WAITERS,
+    JOINABLE,
+    KEY_BYTES,
+    KEY_CAP,
+    KEY_DIGEST,
+    KEY_STR,
+    PAYLOAD_CAP,
+    PAYLOAD_INLINE,
+    PAYLOAD_LOCAL,
+    PAYLOAD_NONE,
+    PAYLOAD_SEGMENT,
+    Q_BLOCKED_GEN,
+    Q_KEY_LEN,
+    Q_OWNER_START,
+    Q_OWNER_TID,
+    RECORD,
+    S_KEY,
+    S_KEY_KIND,
+    S_PAYLOAD,
+    S_PAYLOAD_AT,
+    S_TIER,
+    S_TIER_LEN,
+    SLOT,
+    SLOT_SIZE,
+    TIER_CAP,
+    U32S,
+    U64S,
+)
+from ._locks import LockTimeout, unlink_segment
+from ._table import COMPLETING, DONE, FREE, MAX_KEY_BYTES, RUNNING, LocalCall, Table
+
+log = logging.getLogger("mpflight")
+
+T = TypeVar("T")
+
+# A caller's role in its call, as ``enter`` finds it.
+OWN: Final = 0  # claimed a slot: runs fn and finishes the call
+JOIN: Final = 1  # registered as a waiter of a running call: waits, then reads
+ALONE: Final = 2  # no slot or record free: runs fn without coalescing
+
+# Encoded outcomes up to 2**32 - 1 bytes: the slot's length field is a u32.
+MAX_RESULT_BYTES: Final = 0xFFFFFFFF
+
+_RUNNING_BYTE: Final = bytes((RUNNING,))
+_FAULT: Final = _faults.FAULT  # read once, as _faults reads it
+_SHORT_KEY: Final = KEY_CAP // 4  # characters: a str key this long always fits a slot, encoded
+_NO_RECORD: Final = -1  # _try_join: every waiter record is taken
+_OWNER_GONE: Final = -2  # _try_join: the call's owner is gone; it is aborted, claim anew
+# At most one "table is full" warning per table and process this often (stats count every fallback).
+FULL_WARNING_INTERVAL: Final = 10.0
+_warned_full: dict[str, float] = {}  # when this process last warned, by table
+
+
+class Result(NamedTuple, Generic[T]):
+    """What ``do_ex`` returns: fn's value, and whether it was shared with another caller (as Go's Do)."""
+
+    value: T
+    shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What a handle asks of its calls."""
+
+    name: str
+    timeout: float | None
+    check_interval: float
+    codec: _codec.Codec | None
+    max_result_bytes: int
+
+
+def key_identity(key: object) -> tuple[int, bytes, bytes]:
+    """(kind, encoded key, what the slot stores to identify it); TypeError or ValueError for a bad key."""
+    if type(key) is str:
+        kind, raw = KEY_STR, key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, bytes):
+        kind, raw = KEY_BYTES, bytes(key)
+    elif isinstance(key, str):
+        kind, raw = KEY_STR, key.encode("utf-8", "surrogatepass")
+    else:
+        raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+    if len(raw) <= KEY_CAP:
+        return kind, raw, raw
+    if len(raw) > MAX_KEY_BYTES:
+        raise ValueError(f"key is {len(raw)} bytes encoded; at most {MAX_KEY_BYTES} are allowed")
+    digest = hashlib.sha256(bytes((kind,)) + raw).digest()
+    return kind | KEY_DIGEST, raw, digest + raw[: KEY_CAP - DIGEST_SIZE]
+
+
+def home_of(t: Table, kind: int, stored: bytes) -> int:
+    """The slot a key hashes to: where its call is looked for first, and claimed if free."""
+    return zlib.crc32(stored, kind) % t.slots
+
+
+def slot_key(slot: bytes | memoryview) -> tuple[str | bytes, bool]:
+    """The key a slot's bytes hold, for display, and whether it is the whole key."""
+    kind = slot[S_KEY_KIND]
+    key_len = int.from_bytes(slot[Q_KEY_LEN * 8 : Q_KEY_LEN * 8 + 8], "little")
+    if kind & KEY_DIGEST:
+        raw, complete = slot[S_KEY + DIGEST_SIZE : S_KEY + KEY_CAP], False
+    else:
+        raw, complete = slot[S_KEY : S_KEY + min(key_len, KEY_CAP)], True
+    if kind & KEY_BYTES:
+        return bytes(raw), complete
+    try:
+        return bytes(raw).decode("utf-8", "surrogatepass"), complete
+    except UnicodeDecodeError:  # a prefix cut inside a character, or a damaged slot
+        return bytes(raw).decode("utf-8", "replace"), False
+
+
+def tier_bytes(slot: bytes | memoryview) -> bytes:
+    """The wrapping tier's opaque bytes in a slot's bytes (empty when it wrote none)."""
+    n = min(slot[S_TIER_LEN], TIER_CAP)
+    return bytes(slot[S_TIER : S_TIER + n])
+
+
+def _held(ref: weakref.ref[Call] | None) -> bool:
+    """Whether a registered claim or record still has somebody responsible for it in this process."""
+    return ref is not None and ref() is not None
+
+
+def _table_lock_timeout(opts: Options) -> TimeoutError:
+    return TimeoutError(f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}")
+
+
+class Finisher(Protocol):
+    """What the owner runner needs of an entry."""
+
+    def finish(self, value: object, error: BaseException | None) -> bool: ...
+
+
+def own(
+    entry: Finisher, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[T, bool]:
+    """The one owner runner of every way of calling and every tier: run fn, then finish the call with
+    its outcome; (value, shared). (A coroutine fn is awaited by do_async, which finishes the same way.)"""
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as e:
+        entry.finish(None, e)
+        raise
+    return value, entry.finish(value, None)
+
+
+class Call:
+    """One caller's part in one call of one slot: the owner's claim, or a waiter's ``record`` (>= 0).
+
+    Made by the caller (``Call()``, with ``t``, ``opts`` and ``deadline`` set) and filled in by
+    ``enter`` under the lock; the methods are the protocol's transitions. Those named ``_...ing`` run
+    under the table lock.
+    """
+
+    __slots__ = ("__weakref__", "deadline", "gen", "index", "opts", "record", "t")
+
+    t: Table
+    opts: Options  # the handle's: its name, timeout, codec, bounds
+    deadline: float | None  # the caller's, monotonic: no wait of this call lasts past it
+    index: int
+    gen: int
+    record: int
+
+    @classmethod
+    def of(cls, t: Table, index: int, gen: int, record: int = -1) -> Call:
+        """The call (index, gen) of ``t``, as a party to it that is not its caller (an aborter, gc)."""
+        call = cls()
+        call.t, call.index, call.gen, call.record, call.deadline = t, index, gen, record, None
+        return call
+
+    # -- entering: claim or join ----------------------------------------------------------------------
+
+    def enter(self, key: str | bytes, tid: int, blocking: bool) -> int:
+        """Claim the key's call or join it, under the lock; fill this Call in. Returns OWN, JOIN or
+        ALONE (no slot or waiter record was free: the caller runs fn without coalescing).
+
+        ``tid`` names the caller (a thread, a task, a future) for re-entry and cycle checks;
+        ``blocking`` callers also note what their thread waits on, for the cycle checks of others.
+        TimeoutError when the lock is not free by the deadline; DeadlockError when the wait would
+        never end.
+        """
+        t = self.t
+        if type(key) is str and len(key) <= _SHORT_KEY:  # the common key: short text, no digest
+            kind, raw = KEY_STR, key.encode("utf-8", "surrogatepass")
+            stored = raw
+        else:
+            kind, raw, stored = key_identity(key)
+        try:
+            entered = t.locked(
+                _entering, self, key, kind, raw, stored, zlib.crc32(stored, kind) % t.slots, tid, blocking,
+                deadline=self.deadline,
+            )  # fmt: skip
+        except LockTimeout:
+            raise _table_lock_timeout(self.opts) from None
+        if entered.__class__ is int:
+            return entered
+        if isinstance(entered, MPFlightError):
+            raise entered
+        now = time.monotonic()
+        if now - _warned_full.get(t.group, -FULL_WARNING_INTERVAL) >= FULL_WARNING_INTERVAL:
+            _warned_full[t.group] = now  # one warning a while, not one per call
+            log.warning("mpflight table %r has no free %s: running fn without coalescing", t.group, entered)
+        return ALONE
+
+    def ours(self) -> bool:
+        """Under the lock: whether the slot still holds this call, unpublished."""
+        t = self.t
+        return t.u64s[self.index * U64S] == self.gen and t.states[self.index] in (RUNNING, COMPLETING)
+
+    # -- the owner: run fn, finish ---------------------------------------------------------------------
+
+    own = own  # the one owner runner, defined above: fn here, then finish
+
+    def finish(self, value: object, error: BaseException | None) -> bool:
+        """fn returned ``value`` or raised ``error``: end the call. Returns ``shared``.
+
+        Nobody joined: the slot is FREE again, in this one hold of the lock. Somebody did: the outcome
+        is written and published, and the waiters are woken. fn's caller has its outcome whatever
+        happens here; when the lock is not free by the deadline, the rest runs in the reaper (which
+        keeps this Call, and so the claim, alive).
+        """
+        t = self.t
+        try:
+            remote = t.locked(self._finishing, value, error, deadline=self.deadline)
+        except LockTimeout:
+            self.deadline = None  # the reaper may wait
+            t.defer(functools.partial(Call.finish, self, value, error))
+            return bool(t.u32s[self.index * U32S + I_JOINS])
+        if remote is None:
+            return False
+        _faults.reached("completing")
+        where, length = PAYLOAD_LOCAL, 0
+        deadline = self.deadline
+        try:
+            if remote > 0:
+                where, length = self._write_outcome(value, error, self.opts)
+        except BaseException as e:
+            # Whatever stopped the writing (an OSError from /dev/shm, a KeyboardInterrupt during a long
+            # encode), the waiters must not wait for an outcome that never comes: they get an abort.
+            where, length = self._write_inline(
+                _codec.pack_abort(f"the owner could not publish: {ascii(e)[:200]}")
+            )
+            if not isinstance(e, Exception):
+                self.publish(where, length, deadline)
+                raise
+        self.publish(where, length, deadline)
+        return True
+
+    def _finishing(self, value: object, error: BaseException | None) -> int | None:
+        """Under the lock: end the run. None when nobody joined (the slot is FREE again) or the call is
+        no longer ours; else it is COMPLETING, and this is how many waiters are in other processes
+        (threads of ours take the owner's very objects)."""
+        t, index, gen = self.t, self.index, self.gen
+        if t.u64s[index * U64S] != gen or t.states[index] != RUNNING:
+            # Aborted under us (we were taken for dead): nobody waits for us.
+            t.owners.pop((index, gen), None)
+            return None
+        if error is not None:
+            t.bump(C_ERRORS if isinstance(error, Exception) else C_ABORTS)
+        if not t.u32s[index * U32S + I_JOINS]:
+            self._free()
+            return None
+        self._unjoin()
+        t.states[index] = COMPLETING
+        local = t.local.get((index, gen))
+        if local is not None:
+            local.value, local.error, local.filled = value, error, True
+        return self._waiters() - self._local_waiters()
+
+    def _local_waiters(self) -> int:
+        """Under the lock: the registered waiters of this call that are threads of this process,
+        counted from the records themselves, which are the truth whatever interrupted whom."""
+        t = self.t
+        pid, start = _owner.identity()
+        base, end, mm, n = t.geo.record_map, t.geo.record_map + t.records, t.mm, 0
+        r = mm.find(b"\1", base, end)
+        while r >= 0:
+            rpid, slot, rstart, _, rgen, _ = RECORD.unpack_from(mm, t.geo.record(r - base))
+            n += (rpid, rstart, slot, rgen) == (pid, start, self.index, self.gen)
+            r = mm.find(b"\1", r + 1, end)
+        return n
+
+    def _write_outcome(self, value: object, error: BaseException | None, opts: Options) -> tuple[int, int]:
+        """Outside the lock, in COMPLETING (the payload area is the owner's): encode the outcome into
+        a payload, inline in the slot or in a segment. Returns (where, length)."""
+        if error is None:
+            try:
+                payload = _codec.pack_value(value, opts.codec)
+            except SerializationError as e:
+                payload = _codec.pack_not_carried(str(e))
+        elif isinstance(error, Exception):
+            payload = _codec.pack_error(error, opts.codec)
+        else:
+            payload = _codec.pack_abort(f"owner left fn with {type(error).__name__}")
+        if len(payload) > opts.max_result_bytes:
+            payload = _codec.pack_not_carried(
+                f"result of {len(payload)} bytes exceeds max_result_bytes ({opts.max_result_bytes})"
+            )
+        t = self.t
+        if len(payload) <= PAYLOAD_CAP:
+            if _faults.FAULT == "result":
+                self._write_inline(payload[: len(payload) // 2])
+                _faults.reached("result")
+            return self._write_inline(payload)
+        try:
+            if _faults.FAULT == "result":
+                t.write_segment(self.index, payload[: len(payload) // 2])
+                _faults.reached("result")
+                unlink_segment(t.segment(self.index))
+            t.write_segment(self.index, payload)  # a random name, in the slot before DONE; the table's mode
+        except SegmentFull as e:
+            log.warning("mpflight table %r: %s", opts.name, e)
+            return self._write_inline(_codec.pack_not_carried(str(e)))
+        return PAYLOAD_SEGMENT, len(payload)
+
+    def _write_inline(self, payload: bytes) -> tuple[int, int]:
+        """Outside the lock, in COMPLETING: a small payload, in the slot's payload area."""
+        off = self.t.slot_off(self.index) + S_PAYLOAD
+        self.t.mm[off : off + len(payload)] = payload
+        return PAYLOAD_INLINE, len(payload)
+
+    def publish(self, where: int, length: int, deadline: float | None) -> None:
+        """Mark the outcome DONE and wake the waiters (in the reaper when the lock is not free by the
+        deadline: the owner's caller has its outcome already)."""
+        t = self.t
+        try:
+            waiters = t.locked(self._publishing, where, length, deadline=deadline)
+        except LockTimeout:
+            t.defer(functools.partial(self.publish, where, length, None))
+            return
+        if waiters:
+            self._post(waiters)
+        t.owners.pop((self.index, self.gen), None)  # woken: an exception before leaves it to recover
+
+    def _publishing(self, where: int, length: int) -> int:
+        """Under the lock: the payload is in place; DONE. Returns how many waiters to wake.
+
+        The claim stays registered until its waiters are woken (publish): an exception before DONE
+        leaves it to recover, which aborts it; one after, which wakes them."""
+        t, index = self.t, self.index
+        if t.u64s[index * U64S] != self.gen or t.states[index] != COMPLETING:
+            # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
+            t.owners.pop((index, self.gen), None)
+            if where == PAYLOAD_SEGMENT:
+                unlink_segment(t.segment(index))
+            return 0
+        t.mm[t.slot_off(index) + S_PAYLOAD_AT] = where
+        t.u32s[index * U32S + I_PAYLOAD_LEN] = length
+        t.states[index] = DONE
+        _faults.reached("publish")
+        waiters = self._waiters()
+        if waiters == 0:
+            self._free_and_unlink()
+        return waiters
+
+    def _post(self, times: int) -> None:
+        if _faults.FAULT == "woken" and times > 1:
+            self.t.sems.post(self.index, 1)
+            _faults.reached("woken")
+        self.t.sems.post(self.index, times)
+
+    def rename(self, tid: int) -> None:
+        """The call is run by ``tid`` from now on (a thread or task), for re-entry and cycle checks."""
+        self.t.locked(self._renaming, tid)
+
+    def _renaming(self, tid: int) -> None:
+        if self.t.gen(self.index) == self.gen and self.t.states[self.index] == RUNNING:
+            self.t.u64s[self.index * U64S + Q_OWNER_TID] = tid
+
+    def note(self, data: bytes) -> None:
+        """Keep the wrapping tier's ``data`` (at most TIER_CAP bytes) in the slot of this running call."""
+        if len(data) > TIER_CAP:
+            raise ValueError(f"a tier keeps at most {TIER_CAP} bytes in a slot, not {len(data)}")
+        self.t.locked(self._noting, bytes(data))
+
+    def _noting(self, data: bytes) -> None:
+        t, off = self.t, self.t.slot_off(self.index)
+        if t.gen(self.index) == self.gen and t.states[self.index] == RUNNING:
+            t.mm[off + S_TIER : off + S_TIER + len(data)] = data
+            t.mm[off + S_TIER_LEN] = len(data)
+
+    # -- the waiter: wait, read, leave ------------------------------------------------------------------
+
+    def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
+        """Wait for the outcome, then read it and leave the call.
+
+        ``detached`` is asked after every slice of waiting: True makes this caller leave (Detached).
+        Whatever this raises, ``recover`` drops the record.
+        """
+        t, index, gen, deadline, opts = self.t, self.index, self.gen, self.deadline, self.opts
+        began = time.monotonic()
+        owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
+        interval = opts.check_interval
+        check_at = began + interval
+        while True:
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            t.sems.wait(index, wait)
+            if detached is not None and detached():
+                raise Detached
+            state = t.states[index]
+            if state == DONE and t.gen(index) == gen:
+                break
+            if t.gen(index) != gen or state == FREE:
+                raise AbortError(key, owner[0], "the call was lost (the table was repaired)")
+            if state > DONE:
+                raise DamagedTable(opts.name, f"slot {index} state {state}")
+            now = time.monotonic()
+            if now >= check_at:
+                check_at = now + interval
+                if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
+                    with contextlib.suppress(LockTimeout):
+                        t.locked(self._aborting, "owner died", deadline=deadline)
+                    continue
+                if "table-identity" not in _faults.DISABLED and t.file.replaced():
+                    t.replaced = True  # the next call of this process moves to the new table
+            if deadline is not None and now >= deadline:
+                try:
+                    done = t.locked(self._giving_up, began, deadline=now)
+                except LockTimeout:  # the reaper leaves for us: never wait past the deadline
+                    t.defer(functools.partial(t.locked, self._giving_up, began))
+                    done = False
+                if done:
+                    break
+                raise TimeoutError(f"gave up waiting {opts.timeout} s for the call of key {short_key(key)}")
+        return self._read(key, owner, began, deadline, opts)
+
+    def _giving_up(self, began: float) -> bool:
+        """Under the lock: the waiter's time ran out; True if the outcome came meanwhile (read it)."""
+        t = self.t
+        if t.states[self.index] == DONE and t.gen(self.index) == self.gen:
+            return True
+        if t.rmap[self.record] == 1:
+            self._leaving(began)
+            t.bump(C_TIMEOUTS)
+        return False
+
+    def _read(
+        self, key: str | bytes, owner: tuple[int, int], began: float, deadline: float | None, opts: Options
+    ) -> Result[Any]:
+        """Take the published outcome, then leave the call; the last reader frees the slot."""
+        t, index = self.t, self.index
+        off = t.slot_off(index)
+        where = t.mm[off + S_PAYLOAD_AT]
+        length = t.u32s[index * U32S + I_PAYLOAD_LEN]
+        local = t.local.get((index, self.gen)) if owner == _owner.identity() else None
+        served = True  # a value or fn's exception reached us; not an abort or a failure to read
+        try:
+            # The owner's very object, once the owner has filled it in; an outcome it never filled
+            # in (an abort) is read from the slot like any other.
+            if local is not None and local.filled:
+                if local.error is None:
+                    return Result(local.value, True)
+                if isinstance(local.error, Exception):
+                    raise local.error
+                raise AbortError(key, owner[0], f"owner left fn with {type(local.error).__name__}")
+            if where == PAYLOAD_INLINE and length <= PAYLOAD_CAP:
+                payload = bytes(t.mm[off + S_PAYLOAD : off + S_PAYLOAD + length])
+                return Result(_codec.unpack(payload, opts.codec, key=key, owner_pid=owner[0]), True)
+            if where == PAYLOAD_SEGMENT and 0 < length <= MAX_RESULT_BYTES:
+                with t.map_segment(index, length) as seg, memoryview(seg) as view:
+                    value = _codec.unpack(view, opts.codec, key=key, owner_pid=owner[0])
+                return Result(value, True)
+            raise CorruptSlot(opts.name, index, f"outcome location {where}")
+        except MPFlightError as e:
+            served = isinstance(e, RemoteError)
+            raise
+        finally:
+            try:
+                t.locked(self._leaving, began, served, deadline=deadline)
+            except LockTimeout:  # the outcome is ours already: leave in the background
+                t.defer(functools.partial(t.locked, self._leaving, began, served))
+
+    def _leaving(self, began: float | None, served: bool = False) -> None:
+        """Under the lock: drop the waiter's record; the last reader of a DONE call frees its slot.
+
+        ``began`` is when the waiter began to wait; None when reclaiming a record that nobody left.
+        """
+        t, record, index = self.t, self.record, self.index
+        if t.rmap[record] != 1:
+            t.readers.pop(record, None)
+            return  # left already (reclaimed, or by a repair)
+        t.rmap[record] = 0
+        t.readers.pop(record, None)  # after the record is gone: an exception before leaves it registered
+        if _faults.FAULT:
+            _faults.reached("leave")
+        if began is not None:
+            _set_blocked(t, 0, 0)
+            t.bump(C_WAIT_NS, int((time.monotonic() - began) * 1e9))
+        if served:
+            t.bump(C_SHARED)
+        if index >= t.slots or t.gen(index) != self.gen or t.states[index] == FREE:
+            return
+        waiters = t.u32s[index * U32S + I_WAITERS] - 1
+        t.u32s[index * U32S + I_WAITERS] = max(waiters, 0)
+        if waiters <= 0 and t.states[index] == DONE:
+            self._free_and_unlink()
+
+    # -- anyone: abort, free --------------------------------------------------------------------------
+
+    def _aborting(self, reason: str) -> None:
+        """Under the lock: end the call, whose owner is gone, with an abort for its waiters."""
+        t, index, gen = self.t, self.index, self.gen
+        state = t.states[index]
+        if t.gen(index) != gen or state not in (RUNNING, COMPLETING):
+            return
+        off = t.slot_off(index)
+        pid = t.u32s[index * U32S + I_OWNER_PID]
+        key = slot_key(t.mm[off : off + SLOT_SIZE])[0]
+        log.warning("mpflight table %r: call of key %s (owner %d) aborted: %s", t.group, short_key(key),
+                    pid, reason)  # fmt: skip
+        self._unjoin()
+        _faults.reached("abort")
+        payload = _codec.pack_abort(reason)
+        t.mm[off + S_PAYLOAD : off + S_PAYLOAD + len(payload)] = payload
+        t.mm[off + S_PAYLOAD_AT] = PAYLOAD_INLINE
+        t.u32s[index * U32S + I_PAYLOAD_LEN] = len(payload)
+        t.states[index] = DONE
+        t.owners.pop((index, gen), None)  # after DONE: an exception before leaves it registered
+        t.bump(C_ABORTS)
+        self._tell_tier("abort", reason)
+        if state == COMPLETING:  # an owner may die while writing one; it named it in the slot first
+            unlink_segment(t.segment(index))
+        waiters = self._waiters()
+        if waiters == 0:
+            self._free()
+        else:
+            t.sems.post(index, waiters)
+
+    def _free(self) -> str | None:
+        """Under the lock: make the slot FREE. Returns its segment's name to unlink, if it has one."""
+        t, index = self.t, self.index
+        off = t.geo.slot_base + index * SLOT_SIZE
+        if t.states[index] == RUNNING:
+            # _unjoin, inline (most calls end here): one joinable call fewer has this home.
+            u32s, base = t.u32s, index * U32S
+            if u32s[base + I_FLAGS] & JOINABLE:
+                home, homes = u32s[base + I_HOME], t.homes
+                if home < t.slots and homes[home]:
+                    homes[home] -= 1
+                else:
+                    t.damaged = True  # only damage gets here; the table is repaired
+        if t.mm[off + S_TIER_LEN]:
+            self._tell_tier("free", "")
+            t.mm[off + S_TIER_LEN] = 0
+        t.states[index] = FREE
+        call = (index, self.gen)
+        if t.local:
+            t.local.pop(call, None)
+        t.owners.pop(call, None)
+        return t.segment(index) if t.mm[off + S_PAYLOAD_AT] == PAYLOAD_SEGMENT else None
+
+    def _free_and_unlink(self) -> None:
+        segment = self._free()
+        if segment is not None:
+            unlink_segment(segment)
+
+    def _unjoin(self) -> None:
+        """Under the lock: the call takes no new joiners from now on."""
+        t, base = self.t, self.index * U32S
+        u32s = t.u32s
+        flags = u32s[base + I_FLAGS]
+        if flags & JOINABLE:
+            u32s[base + I_FLAGS] = flags & ~JOINABLE
+            home, homes = u32s[base + I_HOME], t.homes  # one joinable call fewer has this home
+            if home < t.slots and homes[home]:
+                homes[home] -= 1
+            else:
+                t.damaged = True  # only damage gets here; the call goes on, and the table is repaired
+
+    def _waiters(self) -> int:
+        """Under the lock: the call's waiter count, which can never exceed the records."""
+        t = self.t
+        waiters = t.u32s[self.index * U32S + I_WAITERS]
+        if waiters > t.records:
+            t.damaged = True
+            return t.records
+        return waiters
+
+    def _tell_tier(self, event: str, reason: str) -> None:
+        """Under the lock: hand the wrapping tier's bytes of the call to its hook (run after the lock)."""
+        t = self.t
+        if t.hook is None:
+            return
+        off = t.slot_off(self.index)
+        data = tier_bytes(t.mm[off : off + SLOT_SIZE])
+        if data:
+            t.events.append((event, slot_key(t.mm[off : off + SLOT_SIZE])[0], data, reason))
+
+
+# -- entering: claim or join ---------------------------------------------------------------------------
+
+
+def _entering(
+    call: Call, key: str | bytes, kind: int, raw: bytes, stored: bytes, home: int, tid: int, blocking: bool
+) -> int | MPFlightError | str:
+    """Under the lock: enter's work. A refusal is returned, having written nothing, so that the lock is
+    left clean; so is what ran out ("slots" or "waiter records") when nothing was free."""
+    t = call.t
+    pid, start = _owner._identity or _owner.identity()
+    if t.homes[home]:  # a joinable call has this home: maybe the key's
+        index = _find(t, kind, stored, len(raw), home)
+        if index >= 0:
+            try:
+                gen = _try_join(call, index, key, pid, start, tid, blocking)
+            except MPFlightError as e:  # a refusal, or no semaphore: nothing was written
+                return e
+            if gen >= 0:
+                return JOIN
+            if gen == _NO_RECORD:
+                t.bump(C_FALLBACKS)
+                return "waiter records"
+            # _OWNER_GONE: its call is aborted; start a new one
+    state_map = t.geo.state_map  # nobody runs this key: claim the first free slot from its home on
+    index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
+    if index < 0:
+        index = t.mm.find(b"\0", state_map, state_map + home)
+        if index < 0:
+            t.bump(C_FALLBACKS)
+            return "slots"
+    # Claim it: registered under the Call before the state byte makes it a call, and counted as a run
+    # (every call is counted once, as a run, a join or a fallback, whatever happens next).
+    index -= state_map
+    off = t.geo.slot_base + index * SLOT_SIZE
+    gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
+    call.index, call.gen, call.record = index, gen, -1
+    t.owners[index, gen] = weakref.ref(call)
+    counters = t.counters
+    counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
+    mm = t.mm
+    SLOT.pack_into(
+        mm, off, gen, home, JOINABLE, 0, 0, pid, 0, start, tid, time.time(), 0, kind, PAYLOAD_NONE, 0, 0,
+        len(raw), 0,
+    )  # fmt: skip
+    mm[off + S_KEY : off + S_KEY + len(stored)] = stored
+    t.states[index] = RUNNING
+    if _FAULT:
+        _faults.reached("claim")
+    t.homes[home] = (t.homes[home] + 1) & 0xFFFFFFFF
+    return OWN
+
+
+def _find(t: Table, kind: int, stored: bytes, key_len: int, home: int) -> int:
+    """Under the lock: the slot of the joinable call for this key, or -1.
+
+    Scans from the key's home until it has seen as many joinable calls of that home as its count says
+    (usually one, usually at the home itself).
+    """
+    mm, states, u32s, u64s, slots = t.mm, t.states, t.u32s, t.u64s, t.slots
+    want = t.homes[home]
+    n = DIGEST_SIZE if kind & KEY_DIGEST else len(stored)
+    probe = stored[:n]
+    slot_base = t.geo.slot_base
+    i = home
+    for _ in range(slots):
+        if states[i] == RUNNING:
+            base = i * U32S
+            if u32s[base + I_HOME] == home and u32s[base + I_FLAGS] & JOINABLE:
+                off = slot_base + i * SLOT_SIZE
+                if (
+                    mm[off + S_KEY_KIND] == kind
+                    and u64s[i * U64S + Q_KEY_LEN] == key_len
+                    and mm[off + S_KEY : off + S_KEY + n] == probe
+                ):
+                    return i
+                want -= 1
+                if want <= 0:
+                    return -1
+        i += 1
+        if i == slots:
+            i = 0
+    return -1
+
+
+def _try_join(
+    call: Call, index: int, key: str | bytes, pid: int, start: int, tid: int, blocking: bool
+) -> int:
+    """Under the lock: register as a waiter of the call in ``index``, under ``call``.
+
+    Returns the call's generation, or _OWNER_GONE when its owner is gone (the call is aborted: claim
+    anew), _NO_RECORD when every waiter record is taken (run fn alone). Raises DeadlockError, having
+    written nothing, when the wait would never end, and MPFlightError, having written nothing, when the
+    slot's semaphore cannot be made (a full /dev/shm).
+    """
+    t = call.t
+    gen = t.gen(index)
+    owner = t.u32s[index * U32S + I_OWNER_PID]
+    found = Call.of(t, index, gen)
+    if owner == pid:
+        # This process's pid: our call only if the start time is ours too (else the pid was reused after
+        # its owner died), and only while somebody in this process is responsible for it (else the
+        # thread that claimed it left without ending it, or died).
+        mine = t.u64s[index * U64S + Q_OWNER_START] == start
+        if "own-identity" in _faults.DISABLED:
+            pass  # a bare pid: ours, and so a DeadlockError below
+        elif not mine or not _held(t.owners.get((index, gen))):
+            found._aborting("owner died" if not mine else "the owner left do() early")
+            return _OWNER_GONE
+    else:
+        # A cheap look before joining: a pid that is gone is a dead owner (zombies and reused pids are
+        # caught by the waiters' identity checks).
+        try:
+            if not 0 < owner <= _owner.PID_MAX:
+                raise ProcessLookupError
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            found._aborting("owner died")
+            return _OWNER_GONE
+        except PermissionError:
+            pass  # another user's process: alive
+    if "cycle-check" not in _faults.DISABLED:
+        _check_cycle(t, index, key, pid, tid)
+    r = t.mm.find(b"\0", t.geo.record_map, t.geo.record_map + t.records)
+    if r < 0:
+        return _NO_RECORD
+    r -= t.geo.record_map
+    t.sems.ensure(index)  # the slot's semaphore, made by its first waiter; raises having written nothing
+    RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
+    call.index, call.gen, call.record = index, gen, r
+    t.readers[r] = weakref.ref(call)
+    t.rmap[r] = 1
+    _faults.reached("join")
+    base = index * U32S
+    t.u32s[base + I_WAITERS] += 1
+    t.u32s[base + I_JOINS] = (t.u32s[base + I_JOINS] + 1) & 0xFFFFFFFF
+    t.bump(C_JOINS)
+    if owner == pid and (index, gen) not in t.local:
+        t.local[index, gen] = LocalCall()
+    if blocking:
+        _set_blocked(t, index + 1, gen)
+    return gen
+
+
+def _set_blocked(t: Table, slot_plus_one: int, gen: int) -> None:
+    """Under the lock: note in every call this thread owns what it now waits on (for cycle checks).
+
+    Found by scanning the running calls for this thread's identity, so that owners keep no record of
+    their own on the uncontended path.
+    """
+    pid, tid = _owner.identity()[0], threading.get_ident()
+    mm, u32s, u64s, state_map = t.mm, t.u32s, t.u64s, t.geo.state_map
+    index = mm.find(_RUNNING_BYTE, state_map, state_map + t.slots)
+    while index >= 0:
+        index -= state_map
+        if u32s[index * U32S + I_OWNER_PID] == pid and u64s[index * U64S + Q_OWNER_TID] == tid:
+            u32s[index * U32S + I_BLOCKED_SLOT] = slot_plus_one
+            u64s[index * U64S + Q_BLOCKED_GEN] = gen
+        index = mm.find(_RUNNING_BYTE, state_map + index + 1, state_map + t.slots)
+
+
+def _check_cycle(t: Table, index: int, key: str | bytes, pid: int, tid: int) -> None:
+    """Under the lock: refuse a wait on a call whose owner waits, maybe through others, on ours."""
+    keys: list[str | bytes] = [key]
+    cur = index
+    u32s, u64s = t.u32s, t.u64s
+    for _ in range(t.slots):
+        if u32s[cur * U32S + I_OWNER_PID] == pid and u64s[cur * U64S + Q_OWNER_TID] == tid:
+            raise DeadlockError(keys)
+        nxt = u32s[cur * U32S + I_BLOCKED_SLOT] - 1
+        if not 0 <= nxt < t.slots or t.states[nxt] not in (RUNNING, COMPLETING):
+            return
+        if t.gen(nxt) != u64s[cur * U64S + Q_BLOCKED_GEN]:
+            return
+        off = t.slot_off(nxt)
+        keys.append(slot_key(t.mm[off : off + SLOT_SIZE])[0])
+        cur = nxt
+
+
+def forget(t: Table, key: object) -> None:
+    """Let the next caller of ``key`` start a new call; callers already waiting keep the current one."""
+    kind, raw, stored = key_identity(key)
+    t.locked(_forgetting, t, kind, raw, stored, home_of(t, kind, stored))
+
+
+def _forgetting(t: Table, kind: int, raw: bytes, stored: bytes, home: int) -> None:
+    if t.homes[home]:
+        index = _find(t, kind, stored, len(raw), home)
+        if index >= 0:
+            Call.of(t, index, t.gen(index))._unjoin()
+
+
+# -- ending what an exception left -------------------------------------------------------------------
+
+
+def recover(call: Call, deadline: float | None = None) -> None:
+    """End what the table registers under ``call``: after an exception took its caller out of the call
+    early (an interruption, a failure to read, a cancellation), nothing of it stays behind. A claim is
+    freed (nobody joined) or aborted for its waiters; a record is dropped. When the lock is not free
+    by ``deadline``, the reaper does it."""
+    t = call.t
+    if (
+        t.closed
+        or not any(ref() is call for ref in (*t.owners.values(), *t.readers.values()))
+        or "recover" in _faults.DISABLED
+    ):
+        return
+    try:
+        t.locked(end_orphans, t, call, deadline=deadline)
+    except LockTimeout:
+        t.defer(functools.partial(t.locked, end_orphans, t, call))
+
+
+def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:
+    """Under the lock: end the claims and records registered under ``token``, or (None) under a Call
+    that no longer exists. Returns how many calls and records."""
+    calls = records = 0
+    for (index, gen), ref in list(t.owners.items()):
+        held = ref()
+        if held is not token if token is not None else held is not None:
+            continue
+        calls += 1
+        call = Call.of(t, index, gen)
+        if t.gen(index) == gen and t.states[index] == DONE:  # published, maybe never woken
+            t.owners.pop((index, gen), None)
+            waiters = call._waiters()
+            if waiters:
+                t.sems.post(index, waiters)  # an extra post only makes a waiter look again
+        elif not call.ours():
+            t.owners.pop((index, gen), None)
+        elif t.states[index] == RUNNING and t.u32s[index * U32S + I_JOINS] == 0:
+            t.bump(C_ABORTS)
+            call._free_and_unlink()
+        else:
+            call._aborting("the owner left do() early (an exception interrupted it)")
+    for record, ref in list(t.readers.items()):
+        held = ref()
+        if held is not token if token is not None else held is not None:
+            continue
+        records += 1
+        if t.rmap[record] == 1:
+            _, slot, _, _, gen, _ = RECORD.unpack_from(t.mm, t.geo.record(record))
+            Call.of(t, slot, gen, record)._leaving(None)
+        t.readers.pop(record, None)
+    return calls, records
+
+
+def end_unregistered(t: Table) -> tuple[int, int]:
+    """Under the lock: end calls and records of this process that nobody here is registered for (an
+    exception came between the end of a registration and the end of what it registered)."""
+    me = _owner.identity()
+    calls = records = 0
+    for index in range(t.slots):
+        if t.states[index] not in (RUNNING, COMPLETING):
+            continue
+        gen = t.gen(index)
+        owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
+        if owner == me and not _held(t.owners.get((index, gen))):
+            Call.of(t, index, gen)._aborting("the owner left do() early (an exception interrupted it)")
+            calls += 1
+    base, end = t.geo.record_map, t.geo.record_map + t.records
+    r = t.mm.find(b"\1", base, end)
+    while r >= 0:
+        pid, slot, start, _, gen, _ = RECORD.unpack_from(t.mm, t.geo.record(r - base))
+        if (pid, start) == me and not _held(t.readers.get(r - base)):
+            Call.of(t, slot, gen, r - base)._leaving(None)
+            records += 1
+        r = t.mm.find(b"\1", r + 1, end)
+    return calls, records
+
+
+def abort_dead(t: Table, index: int, gen: int) -> bool:
+    """Under the lock: abort call (index, gen) if it is still unpublished (gc found its owner dead)."""
+    call = Call.of(t, index, gen)
+    if not call.ours():
+        return False
+    call._aborting("owner died")
+    return True
+
+
+def drop_dead_record(t: Table, record: int, fields: tuple[object, ...]) -> bool:
+    """Under the lock: drop waiter record ``record`` if it still holds ``fields`` (its waiter died)."""
+    if t.rmap[record] != 1 or RECORD.unpack_from(t.mm, t.geo.record(record)) != fields:
+        return False
+    _, slot, _, _, gen, _ = fields
+    Call.of(t, slot, gen, record)._leaving(None)  # type: ignore[arg-type]
+    return True
+
+
+class Detached(Exception):
+    """A waiter whose future was cancelled leaves its call (raised inside Call.wait)."""

@@ -1,0 +1,249 @@
+"""The seam between how a caller of a key becomes owner or waiter, and how the API drives a caller.
+
+A ``Tier`` makes ``Entry`` objects, one per caller; the drivers (mpflight._drivers) use nothing else::
+
+    with tier.caller(deadline) as entry:      # an exception leaving the block ends what entry holds
+        role = entry.enter(key, tid, blocking)
+        OWN:   fn runs here; entry.finish(value, error) hands the outcome on, returns shared
+        JOIN:  entry.wait(detached) returns the outcome (or raises fn's exception, AbortError, ...)
+        ALONE: fn runs here, uncoalesced
+
+The shared-memory table is the first tier (``ShmTier``). Tiers compose: ``Stacked`` puts a next tier
+(across hosts, say) behind the table. The caller that owns a key in the table is the one that talks to
+the next tier: it owns there too and runs fn, or it waits there and publishes what it gets to the
+table's waiters. The next tier keeps up to TIER_CAP bytes of its own per call in the table's slot
+(``Entry.note``), which inflight() shows, and hears through ``on_event`` when the table aborts or frees
+a call that carried them (its owner died, a reaper reclaimed it), in whichever process that happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from . import _protocol
+from ._protocol import JOIN, OWN, Call, Options, Result
+from ._registry import Attachment, Inside, registry
+
+log = logging.getLogger("mpflight")
+
+E = TypeVar("E", bound="Entry")
+T = TypeVar("T")
+
+
+class Entry(Protocol):
+    """One caller's part in one call of a key, as a tier gives it. A context manager: an exception
+    leaving its block ends what the caller registered (its claim is freed or aborted, its wait left)."""
+
+    def __enter__(self: E) -> E: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    def enter(self, key: str | bytes, tid: int, blocking: bool) -> int:
+        """Claim the key's call or join it: OWN, JOIN or ALONE. ``tid`` names the caller (a thread, a
+        task); ``blocking`` callers wait in this thread (for cycle checks)."""
+        ...
+
+    def own(
+        self, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[T, bool]:
+        """OWN: run fn here and finish the call with its outcome: (value, shared)."""
+        ...
+
+    def finish(self, value: object, error: BaseException | None) -> bool:
+        """OWN: fn returned ``value`` or raised ``error``; hand the outcome to the waiters. Returns
+        whether anyone shared it."""
+        ...
+
+    def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
+        """JOIN: the call's outcome. ``detached`` is asked now and then: True leaves (Detached)."""
+        ...
+
+    def rename(self, tid: int) -> None:
+        """OWN: fn runs in ``tid`` (a thread or task) from now on."""
+        ...
+
+    def note(self, data: bytes) -> None:
+        """OWN: keep a wrapping tier's ``data`` with the call (at most TIER_CAP bytes)."""
+        ...
+
+    def recover(self, wait: bool = True) -> None:
+        """End what the caller registered, as an exception leaving the block does (without waiting for
+        a lock when ``wait`` is False: the rest is done in the background)."""
+        ...
+
+
+class Tier(Protocol):
+    """Where callers of a key meet: ``caller`` makes the entry of one caller, not yet in any call;
+    ``keep`` makes a context manager that keeps what the tier's callers use (the table's mapping) for
+    a thread a caller is handed to. ``name`` names it in threads and messages."""
+
+    name: str
+
+    def caller(self, deadline: float | None) -> Entry: ...
+
+    def keep(self) -> AbstractContextManager[Any]: ...
+
+
+class NextTier(Tier, Protocol):
+    """A tier that can stand behind the table (``Stacked``): it also hears of the table's calls that
+    carried its bytes when they are aborted or freed."""
+
+    def on_event(self, event: str, key: str | bytes, data: bytes, reason: str) -> None:
+        """``event`` is "abort" (``reason`` says why) or "free"; ``data`` is what the entry noted."""
+        ...
+
+
+class ShmCaller(Call):
+    """The table's entry for one caller: the protocol's Call (its token too), entered as a block.
+
+    enter, finish, wait, rename and note are the protocol's own transitions (mpflight._protocol).
+    """
+
+    __slots__ = ("at",)
+
+    at: Attachment
+
+    def __enter__(self) -> ShmCaller:
+        at = self.at
+        at.active.add(id(self))  # a marker that keeps the mapping, never this Call, alive
+        if at.closed:
+            at.active.discard(id(self))
+            raise ValueError(f"operation on closed mpflight.Group {self.opts.name!r}")
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        at = self.at
+        try:
+            if exc_type is not None:
+                _protocol.recover(self, self.deadline)
+        finally:
+            active = at.active
+            active.discard(id(self))
+            if not active and not at.refs:
+                registry.close_unused(at)
+
+    def recover(self, wait: bool = True) -> None:
+        _protocol.recover(self, self.deadline if wait else time.monotonic())
+
+
+class ShmTier:
+    """The shared-memory table of one handle, as a tier."""
+
+    def __init__(self, at: Attachment, opts: Options) -> None:
+        self.at = at
+        self.table = at.table
+        self.opts = opts
+        self.name = opts.name
+
+    def keep(self) -> Inside:
+        return Inside(self.at)
+
+    def caller(self, deadline: float | None) -> ShmCaller:
+        c = ShmCaller()
+        c.at, c.t, c.opts, c.deadline = self.at, self.table, self.opts, deadline
+        return c
+
+
+class Stacked:
+    """The table first, then ``next_tier``: the table's owner of a key is the next tier's caller."""
+
+    def __init__(self, shm: ShmTier, next_tier: NextTier) -> None:
+        self.shm = shm
+        self.next = next_tier
+        self.name = shm.name
+        shm.at.table.hook = next_tier.on_event
+
+    def keep(self) -> Inside:
+        return self.shm.keep()
+
+    def caller(self, deadline: float | None) -> StackedCaller:
+        return StackedCaller(self.shm.caller(deadline), self.next, deadline)
+
+
+class StackedCaller:
+    """A caller of a stacked tier: in the table always; in the next tier when it owns in the table."""
+
+    def __init__(self, local: ShmCaller, next_tier: NextTier, deadline: float | None) -> None:
+        self.local = local
+        self.next_tier = next_tier
+        self.deadline = deadline
+        self.remote: Entry | None = None  # the next tier's entry, once this caller owns in the table
+        self.relay = False  # owns in the table, waits in the next tier: publishes what it gets
+
+    def __enter__(self) -> StackedCaller:
+        self.local.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self.remote is not None:
+                self.remote.__exit__(exc_type, exc, tb)
+        finally:
+            self.local.__exit__(exc_type, exc, tb)
+
+    def enter(self, key: str | bytes, tid: int, blocking: bool) -> int:
+        role = self.local.enter(key, tid, blocking)
+        if role != OWN:
+            return role
+        remote = self.next_tier.caller(self.deadline).__enter__()
+        self.remote = remote
+        role = remote.enter(key, tid, blocking)
+        noted = getattr(remote, "noted", b"")  # the next tier's own state of the call, if it has some
+        if noted:
+            self.local.note(noted)
+        if role == JOIN:
+            # The table's call is now run by no thread of ours: the wait for the next tier. Naming it
+            # after this entry keeps a later caller of this thread (a pool thread, reused) from being
+            # taken for its owner.
+            self.local.rename(id(self))
+            self.relay = True
+            return JOIN
+        return OWN  # owns in the next tier too, or it has no room: fn runs here, for the table's waiters
+
+    own = _protocol.own  # the one owner runner: fn here, then finish both tiers
+
+    def finish(self, value: object, error: BaseException | None) -> bool:
+        shared = False
+        if self.remote is not None:
+            shared = self.remote.finish(value, error)
+        return self.local.finish(value, error) or shared
+
+    def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
+        if not self.relay:
+            return self.local.wait(key, detached)
+        assert self.remote is not None
+        try:
+            result = self.remote.wait(key, detached)
+        except _protocol.Detached:
+            raise
+        except Exception as e:
+            self.local.finish(None, e)
+            raise
+        self.local.finish(result.value, None)
+        return Result(result.value, True)
+
+    def rename(self, tid: int) -> None:
+        self.local.rename(tid)
+        if self.remote is not None:
+            self.remote.rename(tid)
+
+    def note(self, data: bytes) -> None:
+        self.local.note(data)
+
+    def recover(self, wait: bool = True) -> None:
+        try:
+            if self.remote is not None:
+                self.remote.recover(wait)
+        finally:
+            self.local.recover(wait)
