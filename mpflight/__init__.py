@@ -15,6 +15,7 @@ from ._codec import Codec
 from ._errors import (
     AbortError,
     AccessDenied,
+    CorruptPayload,
     CorruptSlot,
     DamagedTable,
     DeadlockError,
@@ -22,6 +23,7 @@ from ._errors import (
     MPFlightError,
     NoSpace,
     NoSuchTable,
+    NotInitialised,
     RemoteError,
     SerializationError,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "AbortError",
     "AccessDenied",
     "Codec",
+    "CorruptPayload",
     "CorruptSlot",
     "DamagedTable",
     "DeadlockError",
@@ -44,6 +47,7 @@ __all__ = [
     "MPFlightError",
     "NoSpace",
     "NoSuchTable",
+    "NotInitialised",
     "RemoteError",
     "Result",
     "SerializationError",

@@ -88,10 +88,19 @@ import msgpack
 
 from ._errors import (
     AbortError,
+    AccessDenied,
+    CorruptPayload,
+    CorruptSlot,
+    DamagedTable,
     DeadlockError,
+    IncompatibleTable,
     MPFlightError,
+    NoSpace,
+    NoSuchTable,
+    NotInitialised,
     RemoteError,
     RemoteTraceback,
+    SegmentFull,
     SerializationError,
     short_key,
 )
@@ -637,8 +646,12 @@ def pack_not_carried(message: str) -> bytes:
 # class's __module__ at lookup time, so that both sides agree even if the package re-homes them.
 _OWN_ERRORS: Final[dict[str, type[BaseException]]] = {
     cls.__qualname__: cls
-    for cls in (MPFlightError, AbortError, SerializationError, RemoteError, DeadlockError, RemoteTraceback)
-}
+    for cls in (
+        MPFlightError, AbortError, SerializationError, RemoteError, DeadlockError, RemoteTraceback,
+        IncompatibleTable, DamagedTable, CorruptSlot, AccessDenied, NoSpace, SegmentFull, NoSuchTable,
+        NotInitialised, CorruptPayload,
+    )
+}  # fmt: skip
 
 
 def _rebuildable(module: str, qualname: str) -> type[BaseException] | None:
@@ -751,7 +764,7 @@ def unpack(payload: bytes | memoryview, codec: Codec | None, *, key: str | bytes
     try:
         tag, body = _decode(payload, _PLAIN if codec is None else codec)
     except Exception as exc:  # whatever a corrupt payload makes msgpack, a struct or a constructor raise
-        raise MPFlightError(f"corrupt result: {_describe(exc)}") from exc
+        raise CorruptPayload(_describe(exc)) from exc
     if tag == VALUE:
         return body
     if tag == ERROR:

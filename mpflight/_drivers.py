@@ -79,8 +79,9 @@ def _begin(
     with kept:
         if future.cancelled():
             return
+        c = tier.caller(deadline)
         try:
-            with tier.caller(deadline) as c:
+            with c:
                 role = c.enter(key, threading.get_ident(), False)
                 if role == JOIN:
                     start_wait(tier, c, future, key)
@@ -89,36 +90,33 @@ def _begin(
                     Result(*c.own(fn, args, kwargs)) if role == OWN else Result(fn(*args, **kwargs), False)
                 )
         except BaseException as e:
-            _resolve(future, error=e)
+            c.recover()  # done by the block's end, unless a second exception skipped it: the future's
+            _resolve(future, error=e)  # traceback would keep the entry, and its claim, alive
         else:
             _resolve(future, result)
 
 
 def start_wait(tier: Tier, c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
-    """Wait for ``c``'s call in a thread of its own, which resolves ``future`` (and keeps the table
-    until it ends); cancelling the future makes that thread leave the call."""
-    kept = tier.keep()
-    kept.__enter__()  # ended by the wait thread
+    """Hand the entry to a thread of its own that waits for its call, resolves ``future`` and closes
+    it; cancelling the future makes that thread leave the call."""
+    threading.Thread(
+        target=_wait_into, args=(c, future, key), daemon=True, name=f"mpflight-wait-{tier.name}"
+    ).start()
+    c.hand()  # the block that entered it ends without closing it: the wait thread does
+
+
+def _wait_into(c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
     try:
-        threading.Thread(
-            target=_wait_into, args=(kept, c, future, key), daemon=True, name=f"mpflight-wait-{tier.name}"
-        ).start()
-    except BaseException:
-        kept.__exit__(None, None, None)
-        raise
-
-
-def _wait_into(kept: Any, c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
-    with kept:
-        try:
-            result: Result[T] = c.wait(key, future.cancelled)
-        except Detached:
-            c.recover()
-        except BaseException as e:
-            c.recover()
-            _resolve(future, error=e)
-        else:
-            _resolve(future, result)
+        result: Result[T] = c.wait(key, future.cancelled)
+    except Detached:
+        c.recover()
+    except BaseException as e:
+        c.recover()
+        _resolve(future, error=e)
+    else:
+        _resolve(future, result)
+    finally:
+        c.close()
 
 
 # -- do_async -----------------------------------------------------------------------------------------
@@ -129,72 +127,81 @@ async def call_async(
     deadline: float | None,
 ) -> Any:  # fmt: skip
     """do_async: the owner runs in a task of its own (cancelling this caller spares it); a waiter waits
-    in a thread of its own; the table lock is taken briefly on the loop."""
+    in a thread of its own; the table lock is taken briefly on the loop, and never waited for on it
+    when an exception ends a call (the rest is left to the reaper)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     tid = id(task) if task is not None else threading.get_ident()
-    with tier.keep():
-        c = tier.caller(deadline)
-        owning: Coroutine[Any, Any, Result[Any]] | None = None  # the owner's runner, once made
+    c = tier.caller(deadline)
+    c.__enter__()  # not a with block: its end would wait for the lock on the loop; closed below
+    owning: Coroutine[Any, Any, Result[Any]] | None = None  # the owner's runner, once made
+    handed = False  # to the runner or a wait thread, which closes it
+    try:
+        role = c.enter(key, tid, False)
+        if role == ALONE:
+            if inspect.iscoroutinefunction(fn):
+                return await fn(*args, **kwargs)
+            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+        if role == OWN:
+            owning = _own_async(c, fn, args, kwargs)
+            runner = loop.create_task(owning)
+            _runners.add(runner)
+            runner.add_done_callback(_runners.discard)
+            runner.add_done_callback(_retrieve)
+            # However the runner ends (even if an exception came before its first line), nothing it
+            # claimed stays behind, and it closes the entry.
+            runner.add_done_callback(functools.partial(_ended, c))
+            c.hand()
+            handed = True
+            c.rename(id(runner))  # fn runs in the runner: re-entry is seen there
+            return (await asyncio.shield(runner)).value
+        waited: Future[Result[Any]] = Future()
+        start_wait(tier, c, waited, key)
+        handed = True
         try:
-            role = c.enter(key, tid, False)
-            if role == ALONE:
-                if inspect.iscoroutinefunction(fn):
-                    return await fn(*args, **kwargs)
-                return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
-            if role == OWN:
-                owning = _own_async(tier, c, fn, args, kwargs)
-                runner = loop.create_task(owning)
-                _runners.add(runner)
-                runner.add_done_callback(_runners.discard)
-                runner.add_done_callback(_retrieve)
-                # However the runner ends (even if an exception came before its first line), nothing
-                # it claimed stays behind.
-                runner.add_done_callback(functools.partial(_recover_now, c))
-                c.rename(id(runner))  # fn runs in the runner: re-entry is seen there
-                return (await asyncio.shield(runner)).value
-            waited: Future[Result[Any]] = Future()
-            start_wait(tier, c, waited, key)
-            try:
-                return (await asyncio.wrap_future(waited)).value
-            except BaseException:
-                # Cancelled (Ctrl-C under asyncio.run, a timeout): leave now, not when the wait thread
-                # next looks; it finds the record gone and ends.
-                waited.cancel()
-                c.recover(wait=False)
-                raise
+            return (await asyncio.wrap_future(waited)).value
         except BaseException:
-            # A runner that has started ends the call itself (cancelling this caller spares it); one
-            # that has not (the exception came first, and its loop may never run it) is ended here.
-            if owning is None or inspect.getcoroutinestate(owning) == inspect.CORO_CREATED:
-                if owning is not None:
-                    made = [task for task in _runners if task.get_coro() is owning]
-                    for made_task in made:
-                        made_task.cancel()  # it throws into the coroutine before its first line
-                    if not made:
-                        owning.close()
-                c.recover(wait=False)
+            # Cancelled (Ctrl-C under asyncio.run, a timeout): leave now, not when the wait thread next
+            # looks; it finds the record gone and ends.
+            waited.cancel()
+            c.recover(wait=False)
             raise
+    except BaseException:
+        # A runner that has started ends the call itself (cancelling this caller spares it); one that
+        # has not (the exception came first, and its loop may never run it) is ended here.
+        if owning is None or inspect.getcoroutinestate(owning) == inspect.CORO_CREATED:
+            if owning is not None:
+                made = [task for task in _runners if task.get_coro() is owning]
+                for made_task in made:
+                    made_task.cancel()  # it throws into the coroutine before its first line
+                if not made:
+                    owning.close()
+            c.recover(wait=False)
+        raise
+    finally:
+        if not handed:
+            c.close()
 
 
 async def _own_async(
-    tier: Tier, c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object]
+    c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object]
 ) -> Result[Any]:
     """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
-    with tier.keep():
+    try:
+        if not inspect.iscoroutinefunction(fn):
+            adopted = functools.partial(_adopted, c, fn, args, kwargs)
+            return Result(*await asyncio.get_running_loop().run_in_executor(None, adopted))
         try:
-            if not inspect.iscoroutinefunction(fn):
-                adopted = functools.partial(_adopted, c, fn, args, kwargs)
-                return Result(*await asyncio.get_running_loop().run_in_executor(None, adopted))
-            try:
-                value = await fn(*args, **kwargs)
-            except BaseException as e:
-                c.finish(None, e)
-                raise
-            return Result(value, c.finish(value, None))
-        except BaseException:
-            c.recover(wait=False)
+            value = await fn(*args, **kwargs)
+        except BaseException as e:
+            c.finish(None, e)
             raise
+        return Result(value, c.finish(value, None))
+    except BaseException:
+        c.recover(wait=False)
+        raise
+    finally:
+        c.close()
 
 
 def _adopted(
@@ -205,10 +212,11 @@ def _adopted(
     return c.own(fn, args, kwargs)
 
 
-def _recover_now(c: Entry, runner: asyncio.Task[Result[Any]]) -> None:
-    """An asyncio owner's runner ended: end what it left registered, if anything (it may have been
-    cancelled or interrupted before its first line)."""
+def _ended(c: Entry, runner: asyncio.Task[Result[Any]]) -> None:
+    """An asyncio owner's runner ended: end what it left registered, if anything, and the entry (it may
+    have been cancelled or interrupted before its first line)."""
     c.recover(wait=False)
+    c.close()
 
 
 def _retrieve(task: asyncio.Task[Result[object]]) -> None:

@@ -13,6 +13,7 @@ one of its own (``TableLock.after_fork_in_child``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import grp
 import hashlib
@@ -214,7 +215,10 @@ class TableFile:
             except posix_ipc.PermissionsError:
                 raise _permission_error(group, self.path) from None
             except OSError as e:  # ENOSPC (no inode left on /dev/shm), EMFILE, ...
-                raise NoSpace(self.path, f"cannot open mpflight table {group!r} ({self.path}): {e}") from None
+                message = f"cannot open mpflight table {group!r} ({self.path}): {e}"
+                if e.errno == errno.ENOSPC:
+                    raise NoSpace(self.path, message) from None
+                raise MPFlightError(message) from None
         self.fd = shm.fd
         try:
             st = os.fstat(self.fd)
@@ -521,11 +525,10 @@ class Semaphores:
             except (posix_ipc.Error, OSError) as e:  # ENOSPC comes as a bare OSError
                 if "space-errors" in _faults.DISABLED:
                     raise
-                raise NoSpace(
-                    sem_path(name),
-                    f"cannot create semaphore {sem_path(name)} for table {self._group!r}: {e} "
-                    f"(is {SHM_DIR} full?)",
-                ) from None
+                message = f"cannot create semaphore {sem_path(name)} for table {self._group!r}: {e}"
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    raise NoSpace(sem_path(name), f"{message} (is {SHM_DIR} full?)") from None
+                raise MPFlightError(message) from None
             try:
                 _share(sem_path(name), self._mode, self._gid)
             except OSError as e:

@@ -224,7 +224,7 @@ class Call:
     under the table lock.
     """
 
-    __slots__ = ("__weakref__", "deadline", "gen", "index", "opts", "record", "t")
+    __slots__ = ("__weakref__", "deadline", "gen", "index", "opts", "pending", "record", "t")
 
     t: Table
     opts: Options  # the handle's: its name, timeout, codec, bounds
@@ -232,12 +232,20 @@ class Call:
     index: int
     gen: int
     record: int
+    pending: bool  # a transition of this call was handed to the reaper: it ends the call, not recover
 
     @classmethod
     def of(cls, t: Table, index: int, gen: int, record: int = -1) -> Call:
         """The call (index, gen) of ``t``, as a party to it that is not its caller (an aborter, gc)."""
         call = cls()
-        call.t, call.index, call.gen, call.record, call.deadline = t, index, gen, record, None
+        call.t, call.index, call.gen, call.record, call.deadline, call.pending = (
+            t,
+            index,
+            gen,
+            record,
+            None,
+            False,
+        )
         return call
 
     # -- entering: claim or join ----------------------------------------------------------------------
@@ -283,26 +291,26 @@ class Call:
 
     own = own  # the one owner runner, defined above: fn here, then finish
 
-    def finish(self, value: object, error: BaseException | None) -> bool:
+    def finish(self, value: object, error: BaseException | None, wait: bool = True) -> bool:
         """fn returned ``value`` or raised ``error``: end the call. Returns ``shared``.
 
         Nobody joined: the slot is FREE again, in this one hold of the lock. Somebody did: the outcome
         is written and published, and the waiters are woken. fn's caller has its outcome whatever
         happens here; when the lock is not free by the deadline, the rest runs in the reaper (which
-        keeps this Call, and so the claim, alive).
+        keeps this Call, and so the claim, alive). ``wait`` False: the reaper's run, which may wait.
         """
         t = self.t
+        deadline = self.deadline if wait else None
         try:
-            remote = t.locked(self._finishing, value, error, deadline=self.deadline)
+            remote = t.locked(self._finishing, value, error, deadline=deadline)
         except LockTimeout:
-            self.deadline = None  # the reaper may wait
-            t.defer(functools.partial(Call.finish, self, value, error))
+            self.pending = True
+            t.defer(functools.partial(Call.finish, self, value, error, False))
             return bool(t.u32s[self.index * U32S + I_JOINS])
         if remote is None:
             return False
         _faults.reached("completing")
         where, length = PAYLOAD_LOCAL, 0
-        deadline = self.deadline
         try:
             if remote > 0:
                 where, length = self._write_outcome(value, error, self.opts)
@@ -398,6 +406,7 @@ class Call:
         try:
             waiters = t.locked(self._publishing, where, length, deadline=deadline)
         except LockTimeout:
+            self.pending = True
             t.defer(functools.partial(self.publish, where, length, None))
             return
         if waiters:
@@ -433,7 +442,14 @@ class Call:
 
     def rename(self, tid: int) -> None:
         """The call is run by ``tid`` from now on (a thread or task), for re-entry and cycle checks."""
-        self.t.locked(self._renaming, tid)
+        self._bounded(self._renaming, tid)
+
+    def _bounded(self, body: Callable[..., object], *args: object) -> None:
+        """Run ``body`` under the lock by the deadline, else in the reaper soon (a hint that may wait)."""
+        try:
+            self.t.locked(body, *args, deadline=self.deadline)
+        except LockTimeout:
+            self.t.defer(functools.partial(self.t.locked, body, *args))
 
     def _renaming(self, tid: int) -> None:
         if self.t.gen(self.index) == self.gen and self.t.states[self.index] == RUNNING:
@@ -443,13 +459,18 @@ class Call:
         """Keep the wrapping tier's ``data`` (at most TIER_CAP bytes) in the slot of this running call."""
         if len(data) > TIER_CAP:
             raise ValueError(f"a tier keeps at most {TIER_CAP} bytes in a slot, not {len(data)}")
-        self.t.locked(self._noting, bytes(data))
+        self._bounded(self._noting, bytes(data))
 
     def _noting(self, data: bytes) -> None:
         t, off = self.t, self.t.slot_off(self.index)
         if t.gen(self.index) == self.gen and t.states[self.index] == RUNNING:
             t.mm[off + S_TIER : off + S_TIER + len(data)] = data
             t.mm[off + S_TIER_LEN] = len(data)
+
+    def abandon(self, reason: str) -> None:
+        """The owner ends its own call without an outcome (its outcome was to come from elsewhere and
+        will not): the waiters get an abort, as if the owner had died."""
+        self._bounded(self._aborting, reason)
 
     # -- the waiter: wait, read, leave ------------------------------------------------------------------
 
@@ -651,8 +672,8 @@ class Call:
     def _tell_tier(self, event: str, reason: str) -> None:
         """Under the lock: hand the wrapping tier's bytes of the call to its hook (run after the lock)."""
         t = self.t
-        if t.hook is None:
-            return
+        if not t.hooks:
+            return  # no tier behind the table in this process: nobody here to tell
         off = t.slot_off(self.index)
         data = tier_bytes(t.mm[off : off + SLOT_SIZE])
         if data:
@@ -861,6 +882,7 @@ def recover(call: Call, deadline: float | None = None) -> None:
     t = call.t
     if (
         t.closed
+        or call.pending
         or not any(ref() is call for ref in (*t.owners.values(), *t.readers.values()))
         or "recover" in _faults.DISABLED
     ):

@@ -9,7 +9,6 @@ work that callers hand to the reaper (mpflight._housekeeping) when the table loc
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import re
@@ -17,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 from ._errors import IncompatibleTable
 from ._table import Table
@@ -50,17 +49,11 @@ class Attachment:
         self.table = table
         self.refs = 0  # Group handles of this process (changed under the registry's lock)
         self.active: set[object] = set()  # a marker per caller inside (add and discard are atomic)
-        self.tasks: set[asyncio.Task[Any]] = set()  # asyncio owners' tasks, kept alive until they end
         self.checked = time.monotonic()  # the last housekeeping check (following a replaced name)
-        self.warned_full = -float("inf")  # when this process last warned that the table is full
         self.warned_waits: set[tuple[int, float]] = set()  # long lock waits already logged
         self.seen_busy: set[tuple[int, int, int]] = set()  # what the reaper saw busy at its last sweep
         self.closed = False
         table.defer = self.defer
-
-    def due(self) -> bool:
-        """Whether the housekeeping check is due (its interval passed, or a waiter saw the name move)."""
-        return time.monotonic() - self.checked > HOUSEKEEPING_INTERVAL or self.table.replaced
 
     def defer(self, job: Callable[[], object]) -> None:
         """Run ``job`` in the reaper thread, soon; the table stays mapped until then."""
@@ -187,7 +180,6 @@ class Registry:
             if not at.closed:
                 at.table.after_fork_in_child()
                 at.active.clear()
-                at.tasks.clear()
                 at.checked = -float("inf")  # the first call checks its table, and starts a reaper
 
 

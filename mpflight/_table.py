@@ -168,9 +168,10 @@ class Table:
         # Runs a transition's rest in the background when the lock was not free by a caller's deadline
         # (set by mpflight._registry, which keeps the table mapped until it has run).
         self.defer: Callable[[Callable[[], object]], None] = _no_deferral
-        # The wrapping tier's hook (mpflight._tier), called after the lock is released with each call
-        # that carried its bytes and was aborted or freed meanwhile: (event, key, bytes, reason).
-        self.hook: Callable[[str, str | bytes, bytes, str], None] | None = None
+        # The hooks of the tiers stacked behind the table in this process (mpflight._tier), called after
+        # the lock is released with each call that carried tier bytes and was aborted or freed meanwhile:
+        # (event, key, bytes, reason). Noted under the lock in ``events``.
+        self.hooks: list[Callable[[str, str | bytes, bytes, str], None]] = []
         self.events: list[tuple[str, str | bytes, bytes, str]] = []
         self.replaced = False  # a waiter saw the name lead elsewhere: the next call moves
         self.closed = False
@@ -281,6 +282,7 @@ class Table:
             hold = lock.local.hold
         except AttributeError:
             hold = lock.hold()
+        events = None
         try:
             if hold.fd == hold.own:
                 try:  # acquire's first step, taken here because it is what nearly every hold needs
@@ -302,18 +304,18 @@ class Table:
                 self.damaged = False  # the byte stays set: the next holder repairs what we found
             elif _REPAIR:
                 mm[H_DIRTY] = 0
+            if self.events:  # taken while the lock is held, as they were noted: no other hold's are lost
+                events, self.events = self.events, []
             return result
         finally:
             flock(hold.fd, LOCK_UN)
-            if self.events:
-                self._tell_tier()
+            if events:
+                self._tell_tiers(events)
 
-    def _tell_tier(self) -> None:
-        """Outside the lock: hand the events the body noted to the wrapping tier's hook."""
-        events, self.events = self.events, []
-        hook = self.hook
+    def _tell_tiers(self, events: list[tuple[str, str | bytes, bytes, str]]) -> None:
+        """Outside the lock: hand the events a body noted to the hooks of the tiers behind the table."""
         for event in events:
-            if hook is not None:
+            for hook in self.hooks:
                 try:
                     hook(*event)
                 except Exception:

@@ -4,21 +4,23 @@ A ``Tier`` makes ``Entry`` objects, one per caller; the drivers (mpflight._drive
 
     with tier.caller(deadline) as entry:      # an exception leaving the block ends what entry holds
         role = entry.enter(key, tid, blocking)
-        OWN:   fn runs here; entry.finish(value, error) hands the outcome on, returns shared
-        JOIN:  entry.wait(detached) returns the outcome (or raises fn's exception, AbortError, ...)
+        OWN:   entry.own(fn, args, kwargs) runs fn here and hands the outcome on: (value, shared)
+        JOIN:  entry.wait(key, detached) returns the outcome (or raises fn's exception, AbortError)
         ALONE: fn runs here, uncoalesced
 
 The shared-memory table is the first tier (``ShmTier``). Tiers compose: ``Stacked`` puts a next tier
 (across hosts, say) behind the table. The caller that owns a key in the table is the one that talks to
 the next tier: it owns there too and runs fn, or it waits there and publishes what it gets to the
 table's waiters. The next tier keeps up to TIER_CAP bytes of its own per call in the table's slot
-(``Entry.note``), which inflight() shows, and hears through ``on_event`` when the table aborts or frees
-a call that carried them (its owner died, a reaper reclaimed it), in whichever process that happens.
+(its entry's ``noted``), which inflight() shows, and hears through ``on_event`` when the table aborts or frees
+a call that carried them (its owner died, a reaper reclaimed it), in whichever process that happens
+and stacks the tier.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,7 +28,8 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from . import _protocol
-from ._protocol import JOIN, OWN, Call, Options, Result
+from ._errors import AbortError
+from ._protocol import ALONE, JOIN, OWN, Call, Options, Result
 from ._registry import Attachment, Inside, registry
 
 log = logging.getLogger("mpflight")
@@ -37,7 +40,9 @@ T = TypeVar("T")
 
 class Entry(Protocol):
     """One caller's part in one call of a key, as a tier gives it. A context manager: an exception
-    leaving its block ends what the caller registered (its claim is freed or aborted, its wait left)."""
+    leaving its block ends what the caller registered (its claim is freed or aborted, its wait left),
+    and the block's end ends the entry, unless it was handed to another thread (``hand``), which then
+    calls ``close`` when it is done with it."""
 
     def __enter__(self: E) -> E: ...
 
@@ -78,11 +83,19 @@ class Entry(Protocol):
         a lock when ``wait`` is False: the rest is done in the background)."""
         ...
 
+    def hand(self) -> None:
+        """The block's end leaves the entry open: another thread goes on with it and closes it."""
+        ...
+
+    def close(self) -> None:
+        """The entry is done with (idempotent): what it holds of the tier is let go."""
+        ...
+
 
 class Tier(Protocol):
     """Where callers of a key meet: ``caller`` makes the entry of one caller, not yet in any call;
-    ``keep`` makes a context manager that keeps what the tier's callers use (the table's mapping) for
-    a thread a caller is handed to. ``name`` names it in threads and messages."""
+    ``keep`` makes a context manager that keeps what the tier's callers use (the table's mapping) while
+    a call waits to be entered (do_future's queue). ``name`` names it in threads and messages."""
 
     name: str
 
@@ -93,7 +106,7 @@ class Tier(Protocol):
 
 class NextTier(Tier, Protocol):
     """A tier that can stand behind the table (``Stacked``): it also hears of the table's calls that
-    carried its bytes when they are aborted or freed."""
+    carried its bytes when they are aborted or freed, in every process whose handle stacks it."""
 
     def on_event(self, event: str, key: str | bytes, data: bytes, reason: str) -> None:
         """``event`` is "abort" (``reason`` says why) or "free"; ``data`` is what the entry noted."""
@@ -103,12 +116,13 @@ class NextTier(Tier, Protocol):
 class ShmCaller(Call):
     """The table's entry for one caller: the protocol's Call (its token too), entered as a block.
 
-    enter, finish, wait, rename and note are the protocol's own transitions (mpflight._protocol).
+    enter, own, finish, wait, rename and note are the protocol's own transitions (mpflight._protocol).
     """
 
-    __slots__ = ("at",)
+    __slots__ = ("at", "handed")
 
     at: Attachment
+    handed: bool
 
     def __enter__(self) -> ShmCaller:
         at = self.at
@@ -121,6 +135,8 @@ class ShmCaller(Call):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self.handed:
+            return
         at = self.at
         try:
             if exc_type is not None:
@@ -133,6 +149,15 @@ class ShmCaller(Call):
 
     def recover(self, wait: bool = True) -> None:
         _protocol.recover(self, self.deadline if wait else time.monotonic())
+
+    def hand(self) -> None:
+        self.handed = True
+
+    def close(self) -> None:
+        at = self.at
+        at.active.discard(id(self))
+        if not at.active and not at.refs:
+            registry.close_unused(at)
 
 
 class ShmTier:
@@ -149,8 +174,37 @@ class ShmTier:
 
     def caller(self, deadline: float | None) -> ShmCaller:
         c = ShmCaller()
-        c.at, c.t, c.opts, c.deadline = self.at, self.table, self.opts, deadline
+        c.at, c.t, c.opts, c.deadline, c.pending, c.handed = (
+            self.at,
+            self.table,
+            self.opts,
+            deadline,
+            False,
+            False,
+        )
         return c
+
+
+class _Both:
+    """Two keeps as one."""
+
+    def __init__(self, first: AbstractContextManager[Any], second: AbstractContextManager[Any]) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self) -> _Both:
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
 
 
 class Stacked:
@@ -160,24 +214,40 @@ class Stacked:
         self.shm = shm
         self.next = next_tier
         self.name = shm.name
-        shm.at.table.hook = next_tier.on_event
+        hooks = shm.table.hooks
+        if next_tier.on_event not in hooks:
+            hooks.append(next_tier.on_event)
 
-    def keep(self) -> Inside:
-        return self.shm.keep()
+    def keep(self) -> _Both:
+        return _Both(self.shm.keep(), self.next.keep())
 
     def caller(self, deadline: float | None) -> StackedCaller:
         return StackedCaller(self.shm.caller(deadline), self.next, deadline)
 
 
+# What a relay that waited in the next tier publishes to the table's waiters when its own wait ends
+# without the call's outcome: an abort, not fn's exception (fn raised nothing).
+_NOT_AN_OUTCOME = (TimeoutError, AbortError)
+
+
 class StackedCaller:
-    """A caller of a stacked tier: in the table always; in the next tier when it owns in the table."""
+    """A caller of a stacked tier: in the table always; in the next tier when it owns in the table.
+
+    Owning in the table and waiting in the next tier, it relays: the next tier's outcome is published
+    to the table's waiters. A relay whose caller detaches (a cancelled future) goes on relaying in a
+    thread of its own, so that the table's other waiters still get the outcome.
+    """
 
     def __init__(self, local: ShmCaller, next_tier: NextTier, deadline: float | None) -> None:
         self.local = local
         self.next_tier = next_tier
         self.deadline = deadline
         self.remote: Entry | None = None  # the next tier's entry, once this caller owns in the table
+        self.remote_role = ALONE
         self.relay = False  # owns in the table, waits in the next tier: publishes what it gets
+        self.handed = False
+        self.relaying = False  # a detached caller's relay goes on in a thread of its own
+        self.closed = False
 
     def __enter__(self) -> StackedCaller:
         self.local.__enter__()
@@ -186,11 +256,13 @@ class StackedCaller:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self.handed:
+            return
         try:
-            if self.remote is not None:
-                self.remote.__exit__(exc_type, exc, tb)
+            if exc_type is not None:
+                self.recover()
         finally:
-            self.local.__exit__(exc_type, exc, tb)
+            self.close()
 
     def enter(self, key: str | bytes, tid: int, blocking: bool) -> int:
         role = self.local.enter(key, tid, blocking)
@@ -198,13 +270,13 @@ class StackedCaller:
             return role
         remote = self.next_tier.caller(self.deadline).__enter__()
         self.remote = remote
-        role = remote.enter(key, tid, blocking)
+        self.remote_role = role = remote.enter(key, tid, blocking)
         noted = getattr(remote, "noted", b"")  # the next tier's own state of the call, if it has some
         if noted:
             self.local.note(noted)
         if role == JOIN:
-            # The table's call is now run by no thread of ours: the wait for the next tier. Naming it
-            # after this entry keeps a later caller of this thread (a pool thread, reused) from being
+            # The table's call is now run by no thread of ours: the wait in the next tier. Naming it
+            # after this entry keeps a later call of this thread (a pool thread, reused) from being
             # taken for its owner.
             self.local.rename(id(self))
             self.relay = True
@@ -215,9 +287,12 @@ class StackedCaller:
 
     def finish(self, value: object, error: BaseException | None) -> bool:
         shared = False
-        if self.remote is not None:
-            shared = self.remote.finish(value, error)
-        return self.local.finish(value, error) or shared
+        try:
+            if self.remote is not None and self.remote_role == OWN:
+                shared = self.remote.finish(value, error)
+        finally:
+            shared = self.local.finish(value, error) or shared
+        return shared
 
     def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
         if not self.relay:
@@ -226,12 +301,38 @@ class StackedCaller:
         try:
             result = self.remote.wait(key, detached)
         except _protocol.Detached:
+            self._relay_alone(key)
+            raise
+        except _NOT_AN_OUTCOME as e:
+            self.local.abandon(f"the wait in the next tier ended: {type(e).__name__}: {e}"[:200])
             raise
         except Exception as e:
             self.local.finish(None, e)
             raise
         self.local.finish(result.value, None)
         return Result(result.value, True)
+
+    def _relay_alone(self, key: str | bytes) -> None:
+        """This caller detached: relay on in a thread of its own, which then closes the entry (and
+        recovery leaves the call to it)."""
+        self.relaying = True
+        self.handed = True
+        self.local.hand()
+
+        def relay() -> None:
+            try:
+                self.relay_to_table(key)
+            finally:
+                self.handed = False
+                self.close()
+
+        threading.Thread(target=relay, daemon=True, name=f"mpflight-relay-{self.local.opts.name}").start()
+
+    def relay_to_table(self, key: str | bytes) -> None:
+        try:
+            self.wait(key)
+        except BaseException:
+            log.debug("mpflight: a detached relay of key %r ended without the outcome", key, exc_info=True)
 
     def rename(self, tid: int) -> None:
         self.local.rename(tid)
@@ -242,8 +343,24 @@ class StackedCaller:
         self.local.note(data)
 
     def recover(self, wait: bool = True) -> None:
+        if self.relaying:
+            return  # the relay thread ends the call, with the next tier's outcome
         try:
             if self.remote is not None:
                 self.remote.recover(wait)
         finally:
             self.local.recover(wait)
+
+    def hand(self) -> None:
+        self.handed = True
+        self.local.hand()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.remote is not None:
+                self.remote.__exit__(None, None, None)
+        finally:
+            self.local.close()

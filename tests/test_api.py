@@ -14,6 +14,7 @@ def test_public_names() -> None:
         "AbortError",
         "AccessDenied",
         "Codec",
+        "CorruptPayload",
         "CorruptSlot",
         "DamagedTable",
         "DeadlockError",
@@ -23,6 +24,7 @@ def test_public_names() -> None:
         "MPFlightError",
         "NoSpace",
         "NoSuchTable",
+        "NotInitialised",
         "RemoteError",
         "Result",
         "SerializationError",
@@ -47,6 +49,8 @@ def test_public_names() -> None:
         mpflight.CorruptSlot("name", 3, "outcome location 9"),
         mpflight.AccessDenied("/dev/shm/x", "permission denied"),
         mpflight.NoSpace("/dev/shm/x", "no room"),
+        mpflight.NotInitialised("name"),
+        mpflight.CorruptPayload("a truncated map"),
     ],
 )
 def test_errors_pickle_with_their_data(error: mpflight.MPFlightError) -> None:

@@ -32,6 +32,7 @@ from mpflight import _codec
 from mpflight._codec import Codec, pack_abort, pack_error, pack_not_carried, pack_value, unpack
 from mpflight._errors import (
     AbortError,
+    CorruptPayload,
     DeadlockError,
     MPFlightError,
     RemoteError,
@@ -891,7 +892,7 @@ def test_messages_that_are_not_utf8_are_still_packed() -> None:
 def expect_corrupt(payload: bytes | memoryview, codec: Codec | None = None) -> MPFlightError:
     with pytest.raises(MPFlightError) as caught:
         unpack(payload, codec, key=KEY, owner_pid=PID)
-    assert type(caught.value) is MPFlightError
+    assert type(caught.value) is CorruptPayload
     assert str(caught.value).startswith("corrupt result: ")
     return caught.value
 
@@ -1112,8 +1113,8 @@ def test_a_buffer_of_another_format_is_corrupt() -> None:
         (pack_value([1, (2,), b"x" * 5000], None), None),
         (SAMPLES["error"], ValueError),
         (SAMPLES["abort"], AbortError),
-        (b"\x92\x00\xc1", MPFlightError),
-        (value_payload(b"\x81\x01", MARK), MPFlightError),
+        (b"\x92\x00\xc1", CorruptPayload),
+        (value_payload(b"\x81\x01", MARK), CorruptPayload),
     ],
     ids=["value", "error", "abort", "corrupt", "leaked marker"],
 )

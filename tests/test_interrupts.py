@@ -550,7 +550,19 @@ def _future(s: Scenario, run: Run, fn: Callable[[], str]) -> None:
     try:
         _sync(s, run, call)
     finally:
+        _drain(handle)
         handle.close()
+
+
+def _drain(handle: mpflight.Group) -> None:
+    """Let the pool work a run queued run to its end before the run is judged: an exception raised in
+    do_future after the work was queued leaves it to run, and its fn to drive the peer (bounded: a pool
+    thread stuck on a lock an injection left held must not stall the test; the lock check reports it)."""
+    executor = handle._executor
+    if executor is not None:
+        drained = threading.Thread(target=executor.shutdown, kwargs={"wait": True}, daemon=True)
+        drained.start()
+        drained.join(HANG_DEADLINE)
 
 
 def path_future_owner(s: Scenario, run: Run) -> None:

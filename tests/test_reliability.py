@@ -132,6 +132,40 @@ def test_an_owner_gets_its_value_though_the_lock_is_held_past_its_deadline(name:
         assert json.loads(out) == ["the value", True]
 
 
+def test_an_owner_whose_fn_raises_while_the_lock_is_held_keeps_its_deadline(
+    name: str, tmp_path: Path
+) -> None:
+    """fn raised while a stopped process holds the lock: the owner's caller gets fn's exception at its
+    deadline, and its waiter gets fn's exception too (not an abort) once the lock frees: the ending of
+    the call handed to the reaper is not undone by the caller's own recovery."""
+    release_fn = threading.Event()
+
+    def fn() -> None:
+        assert release_fn.wait(DEADLINE)
+        raise ValueError("boom")
+
+    with mpflight.Group(name, timeout=1) as group:
+        owner = group.do_future("k", fn)
+        waiter = child(
+            "import json, mpflight\n"
+            f"g = mpflight.Group({name!r})\n"
+            "try:\n    g.do('k', int)\nexcept Exception as e:\n    print(json.dumps([type(e).__name__, str(e)]))\n"
+        )
+        wait_until(lambda: waiting(group, "k") == 1, "a waiter in another process")
+        holder = hold_lock(name, tmp_path, stop=True)
+        try:
+            release_fn.set()
+            assert isinstance(owner.exception(DEADLINE), ValueError)  # at the deadline: the lock is held
+            assert waiter.poll() is None  # its outcome is not published yet
+        finally:
+            release(holder)
+        out, _ = waiter.communicate(timeout=DEADLINE)
+        assert json.loads(out) == ["ValueError", "boom"]
+        wait_until(lambda: group.inflight() == [], "the call to end")
+        stats = group.stats()
+        assert (stats.errors, stats.aborts) == (1, 0)
+
+
 def test_a_long_wait_for_the_lock_is_logged_once_with_the_holder(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -385,7 +419,7 @@ def test_a_sigint_caught_by_the_app_leaves_nothing(name: str, tmp_path: Path) ->
     """Ctrl-C (SIGINT) delivered while a process's main thread owns a call that another process waits
     on: the app catches KeyboardInterrupt and lives on; the waiter gets AbortError, the process's next
     call works, and nothing of it stays in the table."""
-    ready = tmp_path / "ready"
+    ready, read = tmp_path / "ready", tmp_path / "read"
     code = (
         "import json, os, time, mpflight\n"
         f"g = mpflight.Group({name!r})\n"
@@ -393,7 +427,10 @@ def test_a_sigint_caught_by_the_app_leaves_nothing(name: str, tmp_path: Path) ->
         f"    open({str(ready)!r}, 'w').close()\n"
         "    time.sleep(60)\n"
         "try:\n    g.do('k', slow)\nexcept KeyboardInterrupt:\n    pass\n"
-        "print(json.dumps([g.do('k', lambda: 'next'), [c.key for c in g.inflight()]]), flush=True)\n"
+        "nxt = g.do('k', lambda: 'next')\n"
+        # the aborted call stays DONE until the other process's waiter has read it: list after that
+        f"while not os.path.exists({str(read)!r}):\n    time.sleep(0.001)\n"
+        "print(json.dumps([nxt, [c.key for c in g.inflight()]]), flush=True)\n"
     )
     owner = child(code)
     wait_until(ready.exists, "the owner in fn")
@@ -401,8 +438,9 @@ def test_a_sigint_caught_by_the_app_leaves_nothing(name: str, tmp_path: Path) ->
         thread, box = join_in_thread(group, "k")
         wait_until(lambda: waiting(group, "k") == 1, "a waiter")
         owner.send_signal(signal.SIGINT)
-        out, _ = owner.communicate(timeout=DEADLINE)
         thread.join(DEADLINE)
+        read.touch()
+        out, _ = owner.communicate(timeout=DEADLINE)
         assert json.loads(out) == ["next", []]
         assert isinstance(box[0], mpflight.AbortError)
         assert group.inflight() == []

@@ -41,6 +41,7 @@ class LocalTier:
         self.calls: dict[str | bytes, _Shared] = {}
         self.events: list[tuple[str, str | bytes, bytes, str]] = []
         self.owned = 0
+        self.detached = 0  # waits left because their caller detached
 
     def caller(self, deadline: float | None) -> LocalEntry:
         return LocalEntry(self)
@@ -95,6 +96,7 @@ class LocalEntry:
     def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
         while not self.call.done.wait(0.01):
             if detached is not None and detached():
+                self.tier.detached += 1
                 raise Detached
         value, error = self.call.outcome
         if error is not None:
@@ -229,6 +231,40 @@ def test_the_owner_of_a_key_in_another_table_runs_fn_for_both(name: str) -> None
             mpflight.unlink(name + "-b")
     assert runs == ["a"]
     assert ("free", "k", f"local:{os.getpid()}".encode(), "") in local.events, "the free hook fired"
+
+
+def test_a_relay_whose_caller_detaches_still_serves_its_tables_waiters(name: str) -> None:
+    """Table b's owner waits in the next tier for table a's call; its own caller cancels its future:
+    b's other waiter still gets the fleet-wide outcome (the relay goes on without its caller)."""
+    local = LocalTier()
+    started, release = threading.Event(), threading.Event()
+
+    def fn() -> str:
+        started.set()
+        assert release.wait(DEADLINE)
+        return "fleet-wide"
+
+    with mpflight.Group(name + "-a", tier=local) as a, mpflight.Group(name + "-b", tier=local) as b:
+        try:
+            owner = a.do_future("k", fn)
+            assert started.wait(DEADLINE)
+            relay = b.do_future("k", fn)
+            wait_until(lambda: local.calls.get("k") is not None and local.calls["k"].waiters == 1, "b relays")
+            behind: list[object] = []
+            thread = threading.Thread(target=lambda: behind.append(b.do_ex("k", fn)))
+            thread.start()
+            wait_until(lambda: waiting(b, "k") == 1, "a waiter behind the relay")
+            assert relay.cancel()
+            wait_until(lambda: local.detached == 1, "the relay's caller to detach")
+            release.set()
+            thread.join(DEADLINE)
+            assert behind == [Result("fleet-wide", True)]
+            assert owner.result(DEADLINE) == Result("fleet-wide", True)
+            wait_until(lambda: b.inflight() == [], "b's call to end")
+        finally:
+            release.set()
+            mpflight.unlink(name + "-a")
+            mpflight.unlink(name + "-b")
 
 
 def test_an_exception_crosses_the_tier_with_its_class(name: str) -> None:
