@@ -32,7 +32,7 @@ from ._layout import (
     U64S,
 )
 from ._locks import SEP, lock_holder, shm_entries, table_headers, unlink_all, unlink_segment
-from ._protocol import abort_dead, drop_dead_record, end_orphans, end_unregistered, slot_key, tier_bytes
+from ._protocol import Call, abort_dead, drop_dead_record, end_orphans, end_unregistered, slot_key, tier_bytes
 from ._registry import Attachment, registry, validate_name
 from ._table import COMPLETING, DONE, RUNNING, Table
 
@@ -200,9 +200,9 @@ def _reclaimed(
     callers left behind; then unlink the orphaned segments."""
     counts = {"calls": 0, "waiters": 0, "segments": 0}
     for i, gen in dead_calls:
-        counts["calls"] += abort_dead(t, i, gen)
+        counts["calls"] += abort_dead(Call.of(t, i, gen))
     for r, rec in dead_waiters:
-        counts["waiters"] += drop_dead_record(t, r, rec)
+        counts["waiters"] += drop_dead_record(Call.of(t, rec[1], rec[4], r), rec)
     if "recover" not in _faults.DISABLED:
         for calls, records in (end_orphans(t, None), end_unregistered(t)):
             counts["calls"] += calls

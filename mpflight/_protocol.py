@@ -951,21 +951,20 @@ def end_unregistered(t: Table) -> tuple[int, int]:
     return calls, records
 
 
-def abort_dead(t: Table, index: int, gen: int) -> bool:
-    """Under the lock: abort call (index, gen) if it is still unpublished (gc found its owner dead)."""
-    call = Call.of(t, index, gen)
+def abort_dead(call: Call) -> bool:
+    """Under the lock: abort ``call`` if it is still unpublished (gc found its owner dead)."""
     if not call.ours():
         return False
     call._aborting("owner died")
     return True
 
 
-def drop_dead_record(t: Table, record: int, fields: tuple[object, ...]) -> bool:
-    """Under the lock: drop waiter record ``record`` if it still holds ``fields`` (its waiter died)."""
-    if t.rmap[record] != 1 or RECORD.unpack_from(t.mm, t.geo.record(record)) != fields:
+def drop_dead_record(call: Call, fields: tuple[object, ...]) -> bool:
+    """Under the lock: drop ``call``'s waiter record if it still holds ``fields`` (its waiter died)."""
+    t = call.t
+    if t.rmap[call.record] != 1 or RECORD.unpack_from(t.mm, t.geo.record(call.record)) != fields:
         return False
-    _, slot, _, _, gen, _ = fields
-    Call.of(t, slot, gen, record)._leaving(None)  # type: ignore[arg-type]
+    call._leaving(None)
     return True
 
 
