@@ -1,8 +1,9 @@
 """How do, do_ex, do_future and do_async drive a caller through a tier (mpflight._tier).
 
-One owner runner (the entry's ``own``) for every way of calling, one wait-thread starter (``start_wait``); a
-caller's part is an Entry used as a context manager, and handing it to another thread (a pool thread,
-a wait thread, an asyncio runner) takes a ``keep`` of the tier, which that thread ends.
+One owner runner (the entry's ``own``) for every way of calling, one wait-thread starter
+(``start_wait``). A caller's part is an Entry used as a context manager; a block that hands it to
+another thread (a wait thread, an asyncio runner) leaves it open (``hand``), and that thread closes
+it. A call queued for the pool holds a ``keep`` of the tier until a pool thread enters it.
 """
 
 from __future__ import annotations

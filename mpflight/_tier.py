@@ -174,14 +174,8 @@ class ShmTier:
 
     def caller(self, deadline: float | None) -> ShmCaller:
         c = ShmCaller()
-        c.at, c.t, c.opts, c.deadline, c.pending, c.handed = (
-            self.at,
-            self.table,
-            self.opts,
-            deadline,
-            False,
-            False,
-        )
+        c.at, c.t, c.opts, c.deadline = self.at, self.table, self.opts, deadline
+        c.pending = c.handed = False
         return c
 
 
