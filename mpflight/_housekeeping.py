@@ -33,7 +33,7 @@ from ._layout import (
 )
 from ._locks import SEP, lock_holder, shm_entries, table_headers, unlink_all, unlink_segment
 from ._protocol import Call, abort_dead, drop_dead_record, end_orphans, end_unregistered, slot_key, tier_bytes
-from ._registry import Attachment, registry, validate_name
+from ._registry import Attachment, Inside, registry, validate_name
 from ._table import COMPLETING, DONE, RUNNING, Table
 
 log = logging.getLogger("mpflight")
@@ -63,9 +63,6 @@ class Counts(dict[str, int]):
 
     __setitem__ = __delitem__ = __setattr__ = __ior__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(tuple(sorted(self.items())))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({dict(self)!r})"
@@ -270,24 +267,16 @@ class Reaper:
             except Exception:
                 log.exception("mpflight table %r: deferred work failed", at.table.group)
             finally:
-                at.active.discard(marker)
-                if not at.refs and not at.active:
-                    registry.close_unused(at)
+                at.leave(marker)
         if not self.sweeping.acquire(blocking=False):
             return  # held off (by a test): the deferred work above still runs
         try:
             for at in registry.live():
-                marker = object()
-                at.active.add(marker)
                 try:
-                    if not at.closed:
+                    with Inside(at):
                         self._sweep(at)
-                except Exception:  # a table removed or damaged under us: the next sweep looks again
+                except Exception:  # closed, or removed or damaged under us: the next sweep looks again
                     log.debug("mpflight table %r: sweep failed", at.table.group, exc_info=True)
-                finally:
-                    at.active.discard(marker)
-                    if not at.refs and not at.active:
-                        registry.close_unused(at)
         finally:
             self.sweeping.release()
 

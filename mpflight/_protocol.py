@@ -313,7 +313,7 @@ class Call:
         where, length = PAYLOAD_LOCAL, 0
         try:
             if remote > 0:
-                where, length = self._write_outcome(value, error, self.opts)
+                where, length = self._write_outcome(value, error)
         except BaseException as e:
             # Whatever stopped the writing (an OSError from /dev/shm, a KeyboardInterrupt during a long
             # encode), the waiters must not wait for an outcome that never comes: they get an abort.
@@ -360,9 +360,10 @@ class Call:
             r = mm.find(b"\1", r + 1, end)
         return n
 
-    def _write_outcome(self, value: object, error: BaseException | None, opts: Options) -> tuple[int, int]:
+    def _write_outcome(self, value: object, error: BaseException | None) -> tuple[int, int]:
         """Outside the lock, in COMPLETING (the payload area is the owner's): encode the outcome into
         a payload, inline in the slot or in a segment. Returns (where, length)."""
+        opts = self.opts
         if error is None:
             try:
                 payload = _codec.pack_value(value, opts.codec)
@@ -515,7 +516,7 @@ class Call:
                 if done:
                     break
                 raise TimeoutError(f"gave up waiting {opts.timeout} s for the call of key {short_key(key)}")
-        return self._read(key, owner, began, deadline, opts)
+        return self._read(key, owner, began)
 
     def _giving_up(self, began: float) -> bool:
         """Under the lock: the waiter's time ran out; True if the outcome came meanwhile (read it)."""
@@ -527,11 +528,9 @@ class Call:
             t.bump(C_TIMEOUTS)
         return False
 
-    def _read(
-        self, key: str | bytes, owner: tuple[int, int], began: float, deadline: float | None, opts: Options
-    ) -> Result[Any]:
+    def _read(self, key: str | bytes, owner: tuple[int, int], began: float) -> Result[Any]:
         """Take the published outcome, then leave the call; the last reader frees the slot."""
-        t, index = self.t, self.index
+        t, index, deadline, opts = self.t, self.index, self.deadline, self.opts
         off = t.slot_off(index)
         where = t.mm[off + S_PAYLOAD_AT]
         length = t.u32s[index * U32S + I_PAYLOAD_LEN]

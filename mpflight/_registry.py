@@ -55,6 +55,13 @@ class Attachment:
         self.closed = False
         table.defer = self.defer
 
+    def leave(self, marker: object) -> None:
+        """A caller (``marker``) is no longer inside the table: the last to leave an unused one unmaps it."""
+        active = self.active
+        active.discard(marker)
+        if not active and not self.refs:
+            registry.close_unused(self)
+
     def defer(self, job: Callable[[], object]) -> None:
         """Run ``job`` in the reaper thread, soon; the table stays mapped until then."""
         marker = object()
@@ -87,10 +94,7 @@ class Inside:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        at = self.at
-        at.active.discard(self)
-        if not at.refs and not at.active:
-            registry.close_unused(at)
+        self.at.leave(self)
 
 
 class Registry:

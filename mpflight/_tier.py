@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from . import _protocol
 from ._errors import AbortError
 from ._protocol import ALONE, JOIN, OWN, Call, Options, Result
-from ._registry import Attachment, Inside, registry
+from ._registry import Attachment, Inside
 
 log = logging.getLogger("mpflight")
 
@@ -142,10 +142,7 @@ class ShmCaller(Call):
             if exc_type is not None:
                 _protocol.recover(self, self.deadline)
         finally:
-            active = at.active
-            active.discard(id(self))
-            if not active and not at.refs:
-                registry.close_unused(at)
+            at.leave(id(self))
 
     def recover(self, wait: bool = True) -> None:
         _protocol.recover(self, self.deadline if wait else time.monotonic())
@@ -154,10 +151,7 @@ class ShmCaller(Call):
         self.handed = True
 
     def close(self) -> None:
-        at = self.at
-        at.active.discard(id(self))
-        if not at.active and not at.refs:
-            registry.close_unused(at)
+        self.at.leave(id(self))
 
 
 class ShmTier:
