@@ -132,15 +132,10 @@ class Group:
         value, or the exception fn raised. Waits are bounded by the handle's ``timeout``
         (TimeoutError); a dead owner is reported as AbortError.
         """
-        at, timeout = self._at, self.timeout
-        if (
-            at is None
-            or at.table.replaced
-            or time.monotonic() - at.checked > HOUSEKEEPING_INTERVAL
-            or not callable(fn)
-        ):
+        at, timeout, now = self._at, self.timeout, time.monotonic()
+        if at is None or at.table.replaced or now - at.checked > HOUSEKEEPING_INTERVAL or not callable(fn):
             self._tier_for(fn)  # raises for a closed handle; housekeeping
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else now + timeout
         return _drivers.call(self._tier, key, fn, args, kwargs, deadline)[0]
 
     def do_ex(self, key: str | bytes, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Result[T]:
