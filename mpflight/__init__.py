@@ -26,10 +26,12 @@ from ._errors import (
     NotInitialised,
     RemoteError,
     SerializationError,
+    TierUnavailable,
 )
 from ._group import Group, coalesce
 from ._housekeeping import InflightCall, tables, unlink
 from ._protocol import Result
+from ._redis import fence
 
 __version__ = "0.1.0"
 
@@ -51,7 +53,9 @@ __all__ = [
     "RemoteError",
     "Result",
     "SerializationError",
+    "TierUnavailable",
     "coalesce",
+    "fence",
     "tables",
     "unlink",
 ]

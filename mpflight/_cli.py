@@ -23,6 +23,7 @@ from typing import TextIO
 from ._errors import MPFlightError, NoSuchTable, NotInitialised
 from ._group import Group
 from ._housekeeping import InflightCall, tables, unlink
+from ._redis import parse_note
 
 EXIT_OK, EXIT_NO_TABLE, EXIT_ERROR = 0, 1, 2
 
@@ -102,7 +103,9 @@ def _plain(cell: str) -> str:
 
 
 def _open(name: str) -> Group:
-    return Group(name, create=False)
+    """The table ``name``: a group's, or ``group+host`` for a simulated host's (MPFLIGHT_HOST_ID)."""
+    group, _, host = name.partition("+")
+    return Group(group, create=False, host_id=host or None)
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
@@ -139,8 +142,12 @@ def _inflight_rows(calls: list[InflightCall], now: float, style: _Style) -> list
     for c in calls:
         alive = "yes" if c.owner_alive else style.red("DEAD")
         age = human_seconds(max(0.0, now - c.started))
+        state = c.state
+        tier = parse_note(c.tier)
+        if tier is not None:  # the cross-host tier's part in the call
+            state += ", owns in redis" if tier["role"] == "owner" else f", waits on {tier['owner_host']}"
         rows.append(
-            [show_key(c), str(c.owner_pid), alive, age, str(c.waiters), c.state, human_bytes(c.result_bytes)]
+            [show_key(c), str(c.owner_pid), alive, age, str(c.waiters), state, human_bytes(c.result_bytes)]
         )
     return rows
 
@@ -158,6 +165,7 @@ def _call_json(c: InflightCall, now: float) -> dict[str, object]:
         "state": c.state,
         "result_bytes": c.result_bytes,
         **({"tier_hex": c.tier.hex()} if c.tier else {}),  # the state a tier behind the table keeps
+        **({"tier": parse_note(c.tier)} if parse_note(c.tier) else {}),  # the cross-host tier's, read
     }
 
 

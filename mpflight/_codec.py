@@ -102,6 +102,7 @@ from ._errors import (
     RemoteTraceback,
     SegmentFull,
     SerializationError,
+    TierUnavailable,
     short_key,
 )
 
@@ -649,7 +650,7 @@ _OWN_ERRORS: Final[dict[str, type[BaseException]]] = {
     for cls in (
         MPFlightError, AbortError, SerializationError, RemoteError, DeadlockError, RemoteTraceback,
         IncompatibleTable, DamagedTable, CorruptSlot, AccessDenied, NoSpace, SegmentFull, NoSuchTable,
-        NotInitialised, CorruptPayload,
+        NotInitialised, CorruptPayload, TierUnavailable,
     )
 }  # fmt: skip
 

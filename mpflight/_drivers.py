@@ -9,6 +9,7 @@ it. A call queued for the pool holds a ``keep`` of the tier until a pool thread 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import os
@@ -19,7 +20,7 @@ from threading import get_ident
 from typing import Any, TypeVar
 
 from ._protocol import ALONE, JOIN, OWN, Detached, Result, key_identity
-from ._tier import Entry, Tier
+from ._tier import Entry, RunHere, Tier
 
 T = TypeVar("T")
 
@@ -37,7 +38,10 @@ def call(
         if role == OWN:
             return c.own(fn, args, kwargs)
         if role == JOIN:
-            return c.wait(key)
+            try:
+                return c.wait(key)
+            except RunHere:
+                return c.own(fn, args, kwargs)
         return fn(*args, **kwargs), False
 
 
@@ -85,7 +89,7 @@ def _begin(
             with c:
                 role = c.enter(key, threading.get_ident(), False)
                 if role == JOIN:
-                    start_wait(tier, c, future, key)
+                    start_wait(tier, c, future, key, functools.partial(c.own, fn, args, kwargs))
                     return
                 result = (
                     Result(*c.own(fn, args, kwargs)) if role == OWN else Result(fn(*args, **kwargs), False)
@@ -97,18 +101,26 @@ def _begin(
             _resolve(future, result)
 
 
-def start_wait(tier: Tier, c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
+def start_wait(
+    tier: Tier, c: Entry, future: Future[Result[T]], key: str | bytes, run: Callable[[], tuple[T, bool]]
+) -> None:
     """Hand the entry to a thread of its own that waits for its call, resolves ``future`` and closes
-    it; cancelling the future makes that thread leave the call."""
+    it; cancelling the future makes that thread leave the call. When the wait says the caller owns
+    the call after all (RunHere), that thread runs fn as the owner (``run``)."""
     threading.Thread(
-        target=_wait_into, args=(c, future, key), daemon=True, name=f"mpflight-wait-{tier.name}"
+        target=_wait_into, args=(c, future, key, run), daemon=True, name=f"mpflight-wait-{tier.name}"
     ).start()
     c.hand()  # the block that entered it ends without closing it: the wait thread does
 
 
-def _wait_into(c: Entry, future: Future[Result[T]], key: str | bytes) -> None:
+def _wait_into(
+    c: Entry, future: Future[Result[T]], key: str | bytes, run: Callable[[], tuple[T, bool]]
+) -> None:
     try:
-        result: Result[T] = c.wait(key, future.cancelled)
+        try:
+            result: Result[T] = c.wait(key, future.cancelled)
+        except RunHere:
+            result = Result(*run())
     except Detached:
         c.recover()
     except BaseException as e:
@@ -138,13 +150,19 @@ async def call_async(
     owning: Coroutine[Any, Any, Result[Any]] | None = None  # the owner's runner, once made
     handed = False  # to the runner or a wait thread, which closes it
     try:
-        role = c.enter(key, tid, False)
+        if tier.io:
+            role = await _entered(loop, c, key, tid)
+            if role < 0:  # cancelled while entering: the entering thread ends what it entered
+                handed = True
+                raise asyncio.CancelledError
+        else:
+            role = c.enter(key, tid, False)
         if role == ALONE:
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args, **kwargs)
             return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
         if role == OWN:
-            owning = _own_async(c, fn, args, kwargs)
+            owning = _own_async(c, fn, args, kwargs, tier.io)
             runner = loop.create_task(owning)
             _runners.add(runner)
             runner.add_done_callback(_runners.discard)
@@ -157,7 +175,7 @@ async def call_async(
             c.rename(id(runner))  # fn runs in the runner: re-entry is seen there
             return (await asyncio.shield(runner)).value
         waited: Future[Result[Any]] = Future()
-        start_wait(tier, c, waited, key)
+        start_wait(tier, c, waited, key, functools.partial(_own_in_thread, loop, c, fn, args, kwargs))
         handed = True
         try:
             return (await asyncio.wrap_future(waited)).value
@@ -184,20 +202,49 @@ async def call_async(
             c.close()
 
 
+async def _entered(loop: asyncio.AbstractEventLoop, c: Entry, key: str | bytes, tid: int) -> int:
+    """Enter in a thread, off the loop (the tier does network I/O); -1 when cancelled meanwhile."""
+    entering = loop.run_in_executor(None, c.enter, key, tid, False)
+    try:
+        return await asyncio.shield(entering)
+    except asyncio.CancelledError:
+        entering.add_done_callback(functools.partial(_leave_entered, c))
+        return -1
+
+
+def _leave_entered(c: Entry, entering: asyncio.Future[int]) -> None:
+    """A caller was cancelled while its entry entered: end what it entered, off the loop."""
+
+    def leave() -> None:
+        try:
+            c.recover()
+        finally:
+            c.close()
+
+    threading.Thread(target=leave, daemon=True, name="mpflight-leave").start()
+
+
+async def _finish(c: Entry, value: object, error: BaseException | None, io: bool) -> bool:
+    """Finish an asyncio owner's call: on the loop, or off it when the tier does network I/O."""
+    if not io:
+        return c.finish(value, error)
+    return await asyncio.get_running_loop().run_in_executor(None, c.finish, value, error)
+
+
 async def _own_async(
-    c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object]
+    c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object], io: bool = False
 ) -> Result[Any]:
     """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
     try:
         if not inspect.iscoroutinefunction(fn):
-            adopted = functools.partial(_adopted, c, fn, args, kwargs)
+            adopted = functools.partial(contextvars.copy_context().run, _adopted, c, fn, args, kwargs)
             return Result(*await asyncio.get_running_loop().run_in_executor(None, adopted))
         try:
             value = await fn(*args, **kwargs)
         except BaseException as e:
-            c.finish(None, e)
+            await _finish(c, None, e, io)
             raise
-        return Result(value, c.finish(value, None))
+        return Result(value, await _finish(c, value, None, io))
     except BaseException:
         c.recover(wait=False)
         raise
@@ -211,6 +258,17 @@ def _adopted(
     """In an executor thread: run fn as the owner; the slot names this thread from now on."""
     c.rename(threading.get_ident())
     return c.own(fn, args, kwargs)
+
+
+def _own_in_thread(
+    loop: asyncio.AbstractEventLoop, c: Entry, fn: Callable[..., Any], args: tuple[object, ...],
+    kwargs: dict[str, object],
+) -> tuple[Any, bool]:  # fmt: skip
+    """In a wait thread that was told to run fn after all (RunHere): a coroutine fn runs on its
+    caller's loop, a plain one here; either way this thread finishes the call."""
+    if not inspect.iscoroutinefunction(fn):
+        return c.own(fn, args, kwargs)
+    return c.own(lambda: asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), loop).result(), (), {})
 
 
 def _ended(c: Entry, runner: asyncio.Task[Result[Any]]) -> None:

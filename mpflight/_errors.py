@@ -162,3 +162,15 @@ class CorruptPayload(MPFlightError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.detail,))
+
+
+class TierUnavailable(MPFlightError):
+    """The tier behind the table (Redis) could not serve a call, and the group fails closed."""
+
+    def __init__(self, group: str, reason: str) -> None:
+        self.group = group
+        self.reason = reason
+        super().__init__(f"mpflight group {group!r}: the cross-host tier is unavailable: {reason}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.group, self.reason))

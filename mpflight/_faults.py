@@ -36,6 +36,7 @@ MECHANISMS: Final = frozenset(
         "reaper",  # each process's reaper thread reclaims what no live process takes part in
         "lock-deadline",  # a caller with a timeout waits for the table lock no longer than it
         "own-identity",  # a call of our pid is ours only with our start time and a live token
+        "fencing",  # Redis rejects the publish of an owner whose lease was lost (its token is checked)
     }
 )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -18,10 +19,17 @@ from typing import Any, Final, ParamSpec, TypeVar, overload
 from . import _codec, _drivers, _faults, _housekeeping, _owner, _protocol
 from ._coalesce import decorator
 from ._housekeeping import InflightCall, Reclaimed, Stats
-from ._layout import MAX_SLOTS
+from ._layout import MAX_SLOTS, TIER_COUNTER_NAMES
 from ._locks import check_mode
 from ._protocol import MAX_RESULT_BYTES, Options, Result
-from ._registry import HOUSEKEEPING_INTERVAL, Attachment, registry, seconds, validate_name
+from ._redis import (
+    DEFAULT_FENCE_TTL,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_REMOTE_BYTES,
+    DEFAULT_REDIS_TIMEOUT,
+    RedisTier,
+)
+from ._registry import HOUSEKEEPING_INTERVAL, Attachment, registry, seconds, table_name, validate_name
 from ._table import Table
 from ._tier import NextTier, ShmTier, Stacked, Tier
 
@@ -59,8 +67,21 @@ class Group:
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         create: bool = True,
         tier: NextTier | None = None,
+        redis: object = None,
+        host_id: str | None = None,
+        namespace: str = "",
+        lease: float = DEFAULT_LEASE,
+        fail: str = "open",
+        max_remote_bytes: int = DEFAULT_MAX_REMOTE_BYTES,
+        fence_ttl: float = DEFAULT_FENCE_TTL,
+        secret: bytes | str | None = None,
+        redis_timeout: float = DEFAULT_REDIS_TIMEOUT,
     ) -> None:
         self.name = validate_name(name)
+        if host_id is None:
+            host_id = os.environ.get("MPFLIGHT_HOST_ID") or None
+        self.host_id = host_id
+        self._table_name = table_name(self.name, host_id)
         if slots is not None and (type(slots) is not int or not 1 <= slots <= MAX_SLOTS):
             raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, not {slots!r}")
         self.timeout = None if timeout is None else seconds("timeout", timeout)
@@ -85,8 +106,22 @@ class Group:
         self._next = tier
         self._executor: ThreadPoolExecutor | None = None
         self._opts = Options(self.name, self.timeout, self.check_interval, codec, max_result_bytes)
+        if redis is not None:
+            if tier is not None:
+                raise ValueError("redis= and tier= both put a tier behind the table: give one")
+            self._next = _redis_tier(
+                redis, self._opts, host=host_id or socket.gethostname(), namespace=namespace, lease=lease,
+                fail=fail, max_remote_bytes=max_remote_bytes, fence_ttl=fence_ttl, secret=secret,
+                timeout=redis_timeout, count=self._count,
+            )  # fmt: skip
         self._at: Attachment | None = None
-        self._use(registry.attach(self.name, slots, mode, create, self.timeout))
+        self._use(registry.attach(self._table_name, slots, mode, create, self.timeout))
+
+    def _count(self, counter: str) -> None:
+        """A counter of the tier behind the table (stats()), bumped under the table lock."""
+        at = self._at
+        if at is not None:
+            at.table.locked(at.table.bump_tier, TIER_COUNTER_NAMES.index(counter))
 
     def _use(self, at: Attachment) -> None:
         self._at, self.mode = at, at.table.mode  # the table's mode: what every process makes objects with
@@ -231,6 +266,9 @@ class Group:
     def forget(self, key: str | bytes) -> None:
         """Let the next ``do`` for ``key`` start a new call; callers already waiting keep the current one."""
         _protocol.forget(self._table(), key)
+        forget_next = getattr(self._next, "forget", None)
+        if forget_next is not None:
+            forget_next(key)  # across hosts too
 
     def stats(self) -> Stats:
         """Counters of this table, kept in shared memory and so summed over every process: a read-only
@@ -264,6 +302,35 @@ class Group:
         waiters still wait on (they would notice within their check interval).
         """
         return _housekeeping.reclaim(self._table())
+
+
+def _redis_tier(
+    redis: object, opts: Options, *, host: str, namespace: str, lease: float, fail: str,
+    max_remote_bytes: int, fence_ttl: float, secret: bytes | str | None, timeout: float,
+    count: Callable[[str], None],
+) -> NextTier:  # fmt: skip
+    """The cross-host tier of ``redis=``, its options checked (mpflight._redis imports redis-py)."""
+    if not isinstance(redis, str) and not callable(getattr(redis, "register_script", None)):
+        raise TypeError(f"redis must be a URL or a redis-py client, not {type(redis).__name__}")
+    if isinstance(redis, str) and not redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, not {redis!r}")
+    lease = seconds("lease", lease)
+    if fail not in ("open", "closed"):
+        raise ValueError(f'fail must be "open" or "closed", not {fail!r}')
+    if type(max_remote_bytes) is not int or not 0 <= max_remote_bytes <= MAX_RESULT_BYTES:
+        raise ValueError(f"max_remote_bytes must be an int from 0 to {MAX_RESULT_BYTES}")
+    if not isinstance(namespace, str) or any(c in namespace for c in "{}") or len(namespace) > 64:
+        raise ValueError(
+            f"namespace must be a string of at most 64 characters without braces, not {namespace!r}"
+        )
+    if secret is not None and not isinstance(secret, bytes | str):
+        raise TypeError(f"secret must be bytes or str, not {type(secret).__name__}")
+    return RedisTier(
+        redis, opts, host=host, namespace=namespace, lease=lease, renew=lease / 3, fail=fail,
+        max_remote_bytes=max_remote_bytes, fence_ttl=seconds("fence_ttl", fence_ttl),
+        secret=secret.encode() if isinstance(secret, str) else secret,
+        timeout=seconds("redis_timeout", timeout), count=count,
+    )  # fmt: skip
 
 
 def coalesce(

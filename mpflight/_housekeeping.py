@@ -28,12 +28,13 @@ from ._layout import (
     RECORD,
     SLOT,
     SLOT_SIZE,
+    TIER_COUNTER_NAMES,
     U32S,
     U64S,
 )
 from ._locks import SEP, lock_holder, shm_entries, table_headers, unlink_all, unlink_segment
 from ._protocol import Call, abort_dead, drop_dead_record, end_orphans, end_unregistered, slot_key, tier_bytes
-from ._registry import Attachment, Inside, registry, validate_name
+from ._registry import Attachment, Inside, registry, validate_table_name
 from ._table import COMPLETING, DONE, RUNNING, Table
 
 log = logging.getLogger("mpflight")
@@ -97,7 +98,8 @@ class InflightCall:
 
 def stats(t: Table) -> Stats:
     """The table's counters, summed over every process, and calls = runs + joins + fallbacks."""
-    c = dict(zip(COUNTER_NAMES, t.peek(t.counters.tolist), strict=True))
+    values = t.peek(lambda: t.counters.tolist() + t.tier_counters.tolist())
+    c = dict(zip(COUNTER_NAMES + TIER_COUNTER_NAMES, values, strict=True))
     c["calls"] = c["runs"] + c["joins"] + c["fallbacks"]
     return Stats(c)
 
@@ -331,4 +333,4 @@ def unlink(name: str) -> bool:
     Processes still attached keep their mapping; they notice on their slow path and move to a new
     table under the name.
     """
-    return unlink_all(validate_name(name))
+    return unlink_all(validate_table_name(name))

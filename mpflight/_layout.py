@@ -62,8 +62,15 @@ H_DIRTY: Final = 192
 # u32: the permission bits the table was made with, written once by the initializer. What is enforced is
 # the table file's own st_mode and st_gid (read with fstat on attach); this records what was asked.
 H_MODE: Final = 196
+# u64 counters of the tier behind the table (mpflight._tier), summed over its processes on this host.
+H_TIER_COUNTERS: Final = 200
+TIER_COUNTERS: Final = struct.Struct("<5Q")
+TIER_COUNTER_NAMES: Final = (
+    "remote_owners", "remote_joins", "remote_fallbacks", "remote_fenced", "remote_not_shared",
+)  # fmt: skip
 HEADER_SIZE: Final = 256
-assert HEADER.size <= H_COUNTERS and H_COUNTERS + COUNTERS.size <= H_DIRTY < H_MODE < HEADER_SIZE - 4
+assert HEADER.size <= H_COUNTERS and H_COUNTERS + COUNTERS.size <= H_DIRTY < H_MODE <= H_TIER_COUNTERS - 4
+assert H_TIER_COUNTERS + TIER_COUNTERS.size <= HEADER_SIZE
 
 
 class SlotState(enum.IntEnum):

@@ -674,7 +674,7 @@ def unlink_all(group: str) -> bool:
     return removed
 
 
-_TABLE_ENTRY: Final = re.compile(r"mpf(\d+)@([A-Za-z0-9._-]+)")
+_TABLE_ENTRY: Final = re.compile(r"mpf(\d+)@([A-Za-z0-9._-]+(?:\+[A-Za-z0-9._-]+)?)")
 
 
 def other_versions(group: str) -> list[int]:

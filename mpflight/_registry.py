@@ -34,6 +34,28 @@ def validate_name(name: object) -> str:
     return name
 
 
+def table_name(group: str, host: str | None) -> str:
+    """The name of ``group``'s table on ``host``: the group's own name, or ``group+host`` when the
+    machine plays several hosts (MPFLIGHT_HOST_ID); '+' is in no group's name."""
+    if host is None:
+        return group
+    if not isinstance(host, str) or not _NAME.fullmatch(host) or len(group) + 1 + len(host) > 64:
+        raise ValueError(
+            f"host id must be characters of [A-Za-z0-9._-], at most {63 - len(group)} with group "
+            f"{group!r}, not {host!r}"
+        )
+    return f"{group}+{host}"
+
+
+def validate_table_name(name: object) -> str:
+    """A table's name: a group's name, or ``group+host``."""
+    if isinstance(name, str) and name.count("+") == 1 and len(name) <= 64:
+        group, host = name.split("+")
+        validate_name(group)
+        return table_name(group, host)
+    return validate_name(name)
+
+
 def seconds(what: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")

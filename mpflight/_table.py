@@ -27,6 +27,7 @@ from ._layout import (
     H_MODE,
     H_NONCE,
     H_READY,
+    H_TIER_COUNTERS,
     HEADER,
     HEADER_SIZE,
     I_FLAGS,
@@ -53,6 +54,7 @@ from ._layout import (
     S_PAYLOAD_AT,
     SLOT,
     SLOT_SIZE,
+    TIER_COUNTERS,
     U32S,
     U64S,
     Geometry,
@@ -153,6 +155,7 @@ class Table:
         self.rmap = self.view[g.record_map : g.record_map + g.records]
         self.homes = self.view[g.home_counts : g.home_counts + 4 * g.slots].cast("I")
         self.counters = self.view[H_COUNTERS : H_COUNTERS + COUNTERS.size].cast("Q")
+        self.tier_counters = self.view[H_TIER_COUNTERS : H_TIER_COUNTERS + TIER_COUNTERS.size].cast("Q")
         # The slots as arrays of u32 and u64: slot i's field at byte offset o is u32s[i * U32S + o // 4]
         # (and u64s[i * U64S + o // 8]); indexing a memoryview is the cheapest read of shared memory.
         self.u32s = self.view[g.slot_base : g.record_base].cast("I")
@@ -395,6 +398,11 @@ class Table:
         c = self.counters
         c[counter] = (c[counter] + n) & 0xFFFFFFFFFFFFFFFF
 
+    def bump_tier(self, counter: int) -> None:
+        """Under the lock: add one to a counter of the tier behind the table."""
+        c = self.tier_counters
+        c[counter] = (c[counter] + 1) & 0xFFFFFFFFFFFFFFFF
+
     # -- repair ----------------------------------------------------------------------------------
 
     def repair(self) -> None:
@@ -475,7 +483,16 @@ class Table:
     def unmap(self) -> None:
         """Release every view, the mapping and the descriptor (``closed`` is already set)."""
         self.sems.close()
-        for v in (self.states, self.rmap, self.homes, self.counters, self.u32s, self.u64s, self.view):
+        for v in (
+            self.states,
+            self.rmap,
+            self.homes,
+            self.counters,
+            self.tier_counters,
+            self.u32s,
+            self.u64s,
+            self.view,
+        ):
             v.release()
         self.mm.close()
         self.file.close()

@@ -98,6 +98,7 @@ class Tier(Protocol):
     a call waits to be entered (do_future's queue). ``name`` names it in threads and messages."""
 
     name: str
+    io: bool  # its entries' transitions do network I/O: do_async runs them off the loop
 
     def caller(self, deadline: float | None) -> Entry: ...
 
@@ -162,6 +163,7 @@ class ShmTier:
         self.table = at.table
         self.opts = opts
         self.name = opts.name
+        self.io = False
 
     def keep(self) -> Inside:
         return Inside(self.at)
@@ -202,6 +204,7 @@ class Stacked:
         self.shm = shm
         self.next = next_tier
         self.name = shm.name
+        self.io = bool(getattr(next_tier, "io", True))
         hooks = shm.table.hooks
         if next_tier.on_event not in hooks:
             hooks.append(next_tier.on_event)
@@ -211,6 +214,12 @@ class Stacked:
 
     def caller(self, deadline: float | None) -> StackedCaller:
         return StackedCaller(self.shm.caller(deadline), self.next, deadline)
+
+
+class RunHere(Exception):
+    """Raised by an entry's ``wait``: the call cannot be waited on (the next tier is unreachable, or
+    its outcome is not shared with this host): the caller owns its call from now on, and runs fn
+    (``own``) as an owner does, for itself and whoever waits on it."""
 
 
 # What a relay that waited in the next tier publishes to the table's waiters when its own wait ends
@@ -288,6 +297,10 @@ class StackedCaller:
         assert self.remote is not None
         try:
             result = self.remote.wait(key, detached)
+        except RunHere:
+            # The table's call is this caller's to run after all: it owns there, not in the next tier.
+            self.relay, self.remote_role = False, ALONE
+            raise
         except _protocol.Detached:
             self._relay_alone(key)
             raise

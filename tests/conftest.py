@@ -26,6 +26,9 @@ def name(request: pytest.FixtureRequest) -> Iterator[str]:
     _made.append(group)
     yield group
     segments = [e for e in shm_entries(group) if "@r" in e]
+    for table in mpflight.tables():
+        if table.startswith(f"{group}+"):  # a simulated host's table (MPFLIGHT_HOST_ID)
+            mpflight.unlink(table)
     mpflight.unlink(group)
     assert shm_entries(group) == [], "unlink left objects behind"
     if request.node.get_closest_marker("leaves_segments") is None:

@@ -28,7 +28,9 @@ def test_public_names() -> None:
         "RemoteError",
         "Result",
         "SerializationError",
+        "TierUnavailable",
         "coalesce",
+        "fence",
         "tables",
         "unlink",
     ]
@@ -51,6 +53,7 @@ def test_public_names() -> None:
         mpflight.NoSpace("/dev/shm/x", "no room"),
         mpflight.NotInitialised("name"),
         mpflight.CorruptPayload("a truncated map"),
+        mpflight.TierUnavailable("name", "ConnectionError: refused"),
     ],
 )
 def test_errors_pickle_with_their_data(error: mpflight.MPFlightError) -> None:

@@ -15,6 +15,7 @@ import pytest
 import mpflight
 from mpflight import _layout
 from tests.helpers import DEADLINE, ROOT
+from tests.redis_server import RedisServer
 
 DESIGN = (ROOT / "docs" / "design.md").read_text()
 
@@ -41,10 +42,11 @@ def test_header_table_matches_the_code() -> None:
         _layout.H_MAGIC, _layout.H_VERSION, _layout.H_READY, _layout.H_SLOTS, _layout.H_SLOT_SIZE,
         _layout.H_KEY_CAP, _layout.H_PAYLOAD_CAP, _layout.H_RECORDS, _layout.H_RECORD_SIZE, _layout.H_NAME_LEN,
         _layout.H_PIDNS, _layout.H_CREATED, _layout.H_NAME, _layout.H_NONCE, _layout.H_COUNTERS, _layout.H_DIRTY,
-        _layout.H_MODE,
+        _layout.H_MODE, _layout.H_TIER_COUNTERS,
     ]  # fmt: skip
     assert _layout.HEADER_SIZE == 256
-    assert rows[-3] == (_layout.H_COUNTERS, _layout.COUNTERS.size)
+    assert rows[-4] == (_layout.H_COUNTERS, _layout.COUNTERS.size)
+    assert rows[-1] == (_layout.H_TIER_COUNTERS, _layout.TIER_COUNTERS.size)
 
 
 def test_slot_table_matches_the_code() -> None:
@@ -82,8 +84,11 @@ def test_snippet_runs(doc: str, index: int, code: str, tmp_path: Path) -> None:
     names = set(re.findall(r'(?:Group|coalesce)\("([^"]+)"', code))
     script = tmp_path / "snippet.py"
     script.write_text(code)
+    server = RedisServer() if "REDIS_URL" in code else None
     try:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if server is not None:
+            env["REDIS_URL"] = server.url
         proc = subprocess.run(
             [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=DEADLINE,
             check=False,
@@ -92,6 +97,8 @@ def test_snippet_runs(doc: str, index: int, code: str, tmp_path: Path) -> None:
     finally:
         for name in names:
             mpflight.unlink(name)
+        if server is not None:
+            server.stop()
 
 
 def test_captured_inspect_output_matches_the_command() -> None:

@@ -1,0 +1,650 @@
+"""The cross-host tier: one execution per key for a fleet of hosts, on Redis, behind each host's table.
+
+Only the table's owner of a key on a host talks to Redis for it (mpflight._tier.Stacked). In Redis,
+one call of a key is a **lease** (a hash with the owner's random token, its fence number, host and pid,
+and one field per remote waiter), renewed by the owner's process at a third of its length; its
+outcome goes to a **stream** named after the token, which is read from ID 0, so a waiter that comes
+after the publish still finds it. Every write is one Lua script that checks the token first:
+
+    ENTER    no lease: take it (fence = INCR of the key's fence counter) -> OWN
+             a lease: add this waiter's field -> JOIN (the owner's token, fence, host, pid, ttl)
+    FINISH   the lease is the owner's: count the waiters, delete it, and if any joined, XADD the
+             outcome to the token's stream (which expires) -> waiters; not the owner's -> FENCED
+    RENEW    the lease is the owner's: extend it
+    LIVE     how long the owner's lease has left (a waiter asks when its read times out)
+    FORGET   rename the lease away: new callers start a new call; the old one still publishes
+
+A waiter whose owner's lease expires (its host died or lost Redis) gets AbortError. A dead owner on a
+host that lives is seen by the table (mpflight._protocol), whose abort hook (``on_event``) runs the
+FINISH script with an abort for the owner's token. Keys of one call share one hash tag (Redis Cluster).
+Nothing read from Redis is trusted: fields are type- and size-checked, payloads go through the table's
+codec, and with ``secret`` every outcome carries an HMAC that readers check.
+
+Redis trouble (down, slow, out of memory, refusing) never holds a caller past its deadline: with
+``fail="open"`` the caller coalesces on its host alone (counted, logged once per episode), with
+``fail="closed"`` it raises TierUnavailable. Client retries are off: a timed-out write is not resent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final
+
+from . import _codec, _faults, _protocol
+from ._errors import AbortError, CorruptPayload, MPFlightError, TierUnavailable
+from ._layout import TIER_CAP
+from ._protocol import ALONE, JOIN, OWN, Detached, Options, Result, key_identity
+from ._tier import RunHere
+
+log = logging.getLogger("mpflight")
+
+DEFAULT_LEASE: Final = 5.0  # seconds; renewed every third of it
+DEFAULT_FENCE_TTL: Final = 24 * 3600.0
+DEFAULT_MAX_REMOTE_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_REDIS_TIMEOUT: Final = 1.0  # socket timeout of one non-blocking command, and of connecting
+# How long a finished call's outcome stays readable for the waiters that joined it.
+OUTCOME_TTL: Final = 30.0
+# The longest single blocking read: a waiter looks at its caller's state (cancelled?) this often.
+MAX_BLOCK: Final = 1.0
+# What a blocking read's socket timeout adds to its block time; and what a waiter allows past the
+# owner's lease before it asks Redis whether the lease is still there.
+READ_MARGIN: Final = 0.25
+LEASE_GRACE: Final = 0.05
+_FENCING: Final = "fencing" not in _faults.DISABLED  # the test switch (mpflight._faults)
+
+# The outcome kinds of a stream entry: a tier-1 payload (value, error, abort), or "not shared" (too
+# large for Redis: every host runs fn itself).
+_PAYLOAD, _NOT_SHARED = b"p", b"n"
+
+_ENTER: Final = """
+local t = redis.call('HGET', KEYS[1], 't')
+if not t then
+  local f = redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('HSET', KEYS[1], 't', ARGV[1], 'f', f, 'h', ARGV[2], 'p', ARGV[3], 'k', ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return {1, ARGV[1], f, ARGV[2], ARGV[3], tonumber(ARGV[4])}
+end
+local f, h, p, k = unpack(redis.call('HMGET', KEYS[1], 'f', 'h', 'p', 'k'))
+if k ~= ARGV[6] then return {3} end
+redis.call('HSET', KEYS[1], 'w:' .. ARGV[1], 1)
+return {2, t, f, h, p, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS: lease, forgotten lease, stream; ARGV: token, kind, payload, ttl ms, fence, host, pid, sig,
+# fencing (1), the streams' prefix
+_FINISH: Final = """
+local lease, stream = KEYS[1], KEYS[3]
+if ARGV[9] == '0' then  -- the test switch "fencing" off: publish to whichever call is current
+  local current = redis.call('HGET', lease, 't')
+  if current then stream = ARGV[10] .. current else lease = KEYS[2] end
+elseif redis.call('HGET', lease, 't') ~= ARGV[1] then
+  lease = KEYS[2]
+  if redis.call('HGET', lease, 't') ~= ARGV[1] then return -1 end
+end
+local joins = redis.call('HLEN', lease) - 5  -- t, f, h, p, k; every other field is a waiter's
+redis.call('DEL', lease)
+if joins > 0 then
+  redis.call('XADD', stream, '*', 'o', ARGV[2], 'p', ARGV[3], 'f', ARGV[5], 'h', ARGV[6],
+             'i', ARGV[7], 's', ARGV[8])
+  redis.call('PEXPIRE', stream, ARGV[4])
+end
+return joins
+"""
+
+# KEYS: lease, forgotten lease; ARGV: token, lease ms
+_RENEW: Final = """
+for _, lease in ipairs(KEYS) do
+  if redis.call('HGET', lease, 't') == ARGV[1] then
+    redis.call('PEXPIRE', lease, ARGV[2])
+    return 1
+  end
+end
+return 0
+"""
+
+# KEYS: lease, forgotten lease; ARGV: token -> ms left, or -2 when the owner holds no lease
+_LIVE: Final = """
+for _, lease in ipairs(KEYS) do
+  if redis.call('HGET', lease, 't') == ARGV[1] then return redis.call('PTTL', lease) end
+end
+return -2
+"""
+
+# KEYS: lease; ARGV: the call's key prefix. The forgotten lease keeps its ttl.
+_FORGET: Final = """
+local t = redis.call('HGET', KEYS[1], 't')
+if t then redis.call('RENAME', KEYS[1], ARGV[1] .. 'gone:' .. t) end
+return t and 1 or 0
+"""
+
+# The tier's own bytes in the table's slot (at most TIER_CAP): what inflight() and the CLI show, and
+# what the abort hook needs to publish an abort for a dead owner's call.
+_NOTE: Final = struct.Struct("<cc16sQ")
+_NOTE_OWN, _NOTE_WAIT = b"O", b"W"
+_HOST_CAP: Final = TIER_CAP - _NOTE.size
+assert _NOTE.size + 8 <= TIER_CAP
+
+# fn's fence number, while fn runs as the fleet's owner of its call (mpflight.fence()).
+_fence: contextvars.ContextVar[int | None] = contextvars.ContextVar("mpflight_fence", default=None)
+
+
+def fence() -> int | None:
+    """The fence number of the cross-host call that fn runs for, or None (no cross-host tier, or fn
+    runs without it). It grows with every call of a key while the key's counter lives; compare it
+    with the number your own side effects last saw to reject a late owner's writes."""
+    return _fence.get()
+
+
+def parse_note(data: bytes) -> dict[str, object] | None:
+    """What this tier keeps in a slot, for inflight() and the CLI: role, fence and the owner's host."""
+    if len(data) < _NOTE.size or data[:1] != b"R":
+        return None
+    _, role, _, fence_no = _NOTE.unpack_from(data)
+    host = data[_NOTE.size :].decode("utf-8", "replace")
+    return {"tier": "redis", "role": "owner" if role == _NOTE_OWN else "waiter", "fence": fence_no,
+            "owner_host": host}  # fmt: skip
+
+
+class _Trouble(Exception):
+    """Redis could not be used for this step (its error, or ours reading its reply)."""
+
+
+class RedisTier:
+    """The next tier behind a host's table (mpflight._tier.NextTier), for one group."""
+
+    io = True
+
+    def __init__(
+        self, client: object, opts: Options, *, host: str, namespace: str, lease: float, renew: float,
+        fail: str, max_remote_bytes: int, fence_ttl: float, secret: bytes | None, timeout: float,
+        count: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        try:
+            import redis  # the optional extra: imported only when the tier is on
+        except ImportError:
+            raise ImportError("redis= needs redis-py: pip install 'mpflight[redis]'") from None
+
+        self._redis = redis
+        self.name = opts.name
+        self.opts = opts
+        self.host = host
+        self.lease, self.renew_every, self.fail = lease, renew, fail
+        self.max_remote_bytes, self.fence_ttl, self.secret, self.timeout = (
+            max_remote_bytes, fence_ttl, secret, timeout,
+        )  # fmt: skip
+        self.count = count
+        self.prefix = f"{namespace}mpf:{opts.name}:"
+        self._url = client if isinstance(client, str) else None
+        self._given = None if isinstance(client, str) else client
+        self._pid = os.getpid()
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._troubled = False  # in an episode of Redis trouble: logged once, at its start
+        self._checked_policy = False
+        self._owned: dict[str, RedisEntry] = {}  # token -> entry: the leases this process renews
+        self._renewer: threading.Thread | None = None
+        self._wake = threading.Event()
+        _tiers.add(self)
+
+    # -- the client ----------------------------------------------------------------------------------
+
+    def client(self) -> Any:
+        """This process's client: built from the URL in each process; a given client only in the
+        process that gave it (its connections are not the child's to use)."""
+        if self._client is not None and self._pid == os.getpid():
+            return self._client
+        with self._lock:
+            if self._pid != os.getpid():
+                if self._given is not None:
+                    raise MPFlightError(
+                        f"mpflight group {self.name!r}: the redis client was made in process {self._pid} "
+                        "and cannot be used after fork; pass redis= a URL (a client is made per process)"
+                    )
+                self._pid, self._client, self._scripts = os.getpid(), None, {}
+                self._owned, self._renewer = {}, None
+            if self._client is None:
+                self._client = self._given if self._given is not None else self._from_url(self._url or "")
+                self._scripts = {
+                    name: self._client.register_script(text)
+                    for name, text in (("enter", _ENTER), ("finish", _FINISH), ("renew", _RENEW),
+                                       ("live", _LIVE), ("forget", _FORGET))
+                }  # fmt: skip
+            return self._client
+
+    def _from_url(self, url: str) -> Any:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return self._redis.Redis.from_url(
+            url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+        )  # fmt: skip
+
+    def run(self, script: str, keys: list[str], args: list[object]) -> Any:
+        """Run one of the scripts; Redis trouble of any kind is _Trouble."""
+        try:
+            client = self.client()
+            if not self._checked_policy:
+                self._check_policy(client)
+            reply = self._scripts[script](keys=keys, args=args, client=client)
+        except self._redis.RedisError as e:
+            raise _Trouble(f"{type(e).__name__}: {e}") from e
+        except OSError as e:
+            raise _Trouble(f"{type(e).__name__}: {e}") from e
+        self._recovered()
+        return reply
+
+    def _check_policy(self, client: Any) -> None:
+        """Warn once when Redis may evict a lease to make room (an allkeys-* policy)."""
+        self._checked_policy = True
+        try:
+            policy = client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"")
+        except self._redis.RedisError:
+            return  # CONFIG may be refused to this user: nothing to say
+        if isinstance(policy, bytes) and policy.startswith(b"allkeys-"):
+            log.warning("mpflight group %r: Redis's maxmemory-policy is %s, which can evict a call's "
+                        "lease: its waiters then get AbortError", self.name, policy.decode())  # fmt: skip
+
+    def trouble(self, what: str, error: BaseException) -> None:
+        """Redis could not serve a step: raise (fail="closed") or note the fallback (fail="open")."""
+        if self.fail == "closed":
+            raise TierUnavailable(self.name, f"{what}: {error}") from error
+        self.count("remote_fallbacks")
+        if not self._troubled:
+            self._troubled = True
+            log.warning("mpflight group %r: Redis unavailable (%s: %s): coalescing on this host only "
+                        "until it answers again", self.name, what, error)  # fmt: skip
+
+    def _recovered(self) -> None:
+        if self._troubled:
+            self._troubled = False
+            log.warning("mpflight group %r: Redis answers again: coalescing across hosts", self.name)
+
+    # -- keys ------------------------------------------------------------------------------------------
+
+    def keys_of(self, key: str | bytes) -> tuple[str, bytes]:
+        """The call's key prefix (one hash tag per key) and the key's full identity."""
+        kind, raw, _ = key_identity(key)
+        identity = bytes([kind]) + raw
+        tag = hashlib.blake2b(identity, digest_size=16).hexdigest()
+        return f"{self.prefix}{{{tag}}}:", identity
+
+    # -- the seam --------------------------------------------------------------------------------------
+
+    def caller(self, deadline: float | None) -> RedisEntry:
+        return RedisEntry(self, deadline)
+
+    def keep(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def on_event(self, event: str, key: str | bytes, data: bytes, reason: str) -> None:
+        """The table aborted or freed a call that carried this tier's note: when its local owner owned
+        the call in Redis too, publish an abort there for its waiters on other hosts."""
+        if len(data) < _NOTE.size or data[:1] != b"R" or data[1:2] != _NOTE_OWN:
+            return
+        _, _, token_bytes, fence_no = _NOTE.unpack_from(data)
+        token = token_bytes.hex()
+        why = reason or "the owner's call ended without an outcome"
+        try:
+            self.publish(key, token, fence_no, _PAYLOAD, _codec.pack_abort(f"{why} (host {self.host})"))
+        except _Trouble as e:
+            log.warning("mpflight group %r: could not publish an abort to Redis (%s): remote waiters "
+                        "see the lease expire", self.name, e)  # fmt: skip
+        with self._lock:
+            self._owned.pop(token, None)
+
+    def forget(self, key: str | bytes) -> None:
+        prefix, _ = self.keys_of(key)
+        try:
+            self.run("forget", [prefix + "lease"], [prefix])
+        except _Trouble as e:
+            self.trouble("forget", e)
+
+    # -- publishing and renewing -------------------------------------------------------------------------
+
+    def publish(self, key: str | bytes, token: str, fence_no: int, kind: bytes, payload: bytes) -> int:
+        """FINISH for ``token``: the number of remote waiters, or -1 when the lease is not the token's."""
+        prefix, _ = self.keys_of(key)
+        sig = self._sign(token, kind, payload)
+        keys = [prefix + "lease", prefix + "gone:" + token, prefix + "out:" + token]
+        ttl = int(OUTCOME_TTL * 1000)
+        fencing, pid = int(_FENCING), os.getpid()
+        args = [token, kind, payload, ttl, fence_no, self.host, pid, sig, fencing, prefix + "out:"]
+        reply = self.run("finish", keys, args)
+        if type(reply) is not int:
+            raise _Trouble(f"FINISH replied {type(reply).__name__}, not an integer")
+        return reply
+
+    def _sign(self, token: str, kind: bytes, payload: bytes) -> bytes:
+        if self.secret is None:
+            return b""
+        return hmac.new(self.secret, token.encode() + kind + payload, hashlib.sha256).digest()
+
+    def hold(self, entry: RedisEntry) -> None:
+        """Renew the entry's lease until it is let go; the renewer starts on first use."""
+        with self._lock:
+            self._owned[entry.token] = entry
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=_renew_loop, args=(weakref.ref(self),), daemon=True,
+                    name=f"mpflight-renew-{self.name}",
+                )  # fmt: skip
+                self._renewer.start()
+
+    def let_go(self, entry: RedisEntry) -> None:
+        with self._lock:
+            self._owned.pop(entry.token, None)
+
+    def renew_all(self) -> None:
+        with self._lock:
+            owned = list(self._owned.values())
+        for entry in owned:
+            try:
+                kept = self.run(
+                    "renew", [entry.prefix + "lease", entry.prefix + "gone:" + entry.token],
+                    [entry.token, int(self.lease * 1000)],
+                )  # fmt: skip
+            except _Trouble as e:
+                log.debug("mpflight group %r: a lease renewal failed: %s", self.name, e)
+                continue
+            if kept != 1:
+                self.let_go(entry)  # expired or taken: its publish will be fenced
+
+
+_tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
+
+
+def _renew_loop(ref: weakref.ref[RedisTier]) -> None:
+    """The renewer of one tier in one process: every third of the lease, renew what it owns."""
+    while True:
+        tier = ref()
+        if tier is None:
+            return
+        every = tier.renew_every
+        with tier._lock:
+            if not tier._owned:
+                tier._renewer = None
+                return
+        tier.renew_all()
+        del tier
+        time.sleep(every)
+
+
+class RedisEntry:
+    """One table owner's part in the fleet's call of a key (mpflight._tier.Entry)."""
+
+    def __init__(self, tier: RedisTier, deadline: float | None) -> None:
+        self.tier = tier
+        self.deadline = deadline
+        self.role = ALONE  # OWN, JOIN; ALONE when Redis takes no part (trouble, a digest collision)
+        self.key: str | bytes = ""
+        self.prefix = ""
+        self.token = ""  # the owner's
+        self.fence = 0
+        self.owner_host = ""
+        self.owner_pid = 0
+        self.ttl = 0.0  # when the owner's lease expires, monotonic
+        self.noted = b""
+        self.done = False
+        self._fence_reset: contextvars.Token[int | None] | None = None
+
+    def __enter__(self) -> RedisEntry:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if exc_type is not None:
+                self.recover()
+        finally:
+            self.close()
+
+    def enter(self, key: str | bytes, tid: int, blocking: bool) -> int:
+        tier = self.tier
+        self.key = key
+        self.prefix, identity = tier.keys_of(key)
+        token = secrets.token_hex(16)
+        try:
+            reply = tier.run(
+                "enter", [self.prefix + "lease", self.prefix + "fence"],
+                [token, tier.host, os.getpid(), int(tier.lease * 1000), int(tier.fence_ttl * 1000), identity],
+            )  # fmt: skip
+            role, fields = _entered(reply)
+        except _Trouble as e:
+            tier.trouble("enter", e)
+            return OWN  # the table's owner runs fn for this host
+        if role == 3:
+            return OWN  # another key has the same digest in Redis: this host runs its own call
+        owner_token, self.fence, self.owner_host, self.owner_pid, ttl = fields
+        self.token, self.ttl = owner_token, time.monotonic() + ttl / 1000
+        host = self.owner_host.encode("utf-8", "replace")[:_HOST_CAP]
+        if role == 1:
+            self.role = OWN
+            tier.count("remote_owners")
+            tier.hold(self)
+            self._fence_reset = _fence.set(self.fence)
+            self.noted = _NOTE.pack(b"R", _NOTE_OWN, bytes.fromhex(token), self.fence) + host
+            return OWN
+        self.role = JOIN
+        tier.count("remote_joins")
+        self.noted = _NOTE.pack(b"R", _NOTE_WAIT, bytes.fromhex(owner_token), self.fence) + host
+        return JOIN
+
+    own = _protocol.own  # the one owner runner (drivers use the stacked caller's)
+
+    def finish(self, value: object, error: BaseException | None) -> bool:
+        """OWN: publish fn's outcome for the remote waiters; whether any joined."""
+        if self.role != OWN or self.done:
+            return False
+        self.done = True
+        tier = self.tier
+        tier.let_go(self)
+        if error is None:
+            try:
+                payload = _codec.pack_value(value, tier.opts.codec)
+            except Exception as e:  # not carried here either: the waiters get the same error
+                payload = _codec.pack_not_carried(f"{type(e).__name__}: {e}")
+        elif isinstance(error, Exception):
+            payload = _codec.pack_error(error, tier.opts.codec)
+        else:
+            payload = _codec.pack_abort(f"the owner left fn by {type(error).__name__}")
+        kind = _PAYLOAD
+        if len(payload) > tier.max_remote_bytes:
+            tier.count("remote_not_shared")
+            kind, payload = _NOT_SHARED, b""
+        try:
+            joins = tier.publish(self.key, self.token, self.fence, kind, payload)
+        except _Trouble as e:
+            log.warning("mpflight group %r: could not publish to Redis (%s): remote waiters see the "
+                        "lease expire", tier.name, e)  # fmt: skip
+            return False
+        if joins < 0:
+            tier.count("remote_fenced")
+            log.warning("mpflight group %r: the lease of key %r was lost before fn returned (a pause past "
+                        "the lease?): its outcome was not published", tier.name, self.key)  # fmt: skip
+            return False
+        return joins > 0
+
+    def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
+        """JOIN: the remote owner's outcome; AbortError when its lease expires first."""
+        tier = self.tier
+        stream = self.prefix + "out:" + self.token
+        began = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                raise TimeoutError(
+                    f"gave up waiting {tier.opts.timeout} s for key {key!r} (owner on host {self.owner_host})"
+                )
+            if detached is not None and detached():
+                raise Detached
+            until = min(self.ttl + LEASE_GRACE, now + MAX_BLOCK)
+            if self.deadline is not None:
+                until = min(until, self.deadline)
+            try:
+                entry = self._read(stream, max(until - now, 0.001))
+                if entry is None and time.monotonic() >= self.ttl:
+                    leases = [self.prefix + "lease", self.prefix + "gone:" + self.token]
+                    left = tier.run("live", leases, [self.token])
+                    if type(left) is not int:
+                        raise _Trouble("LIVE replied with no integer")
+                    if left == -2:
+                        entry = self._read(stream, 0)  # published as the lease went: it is there
+                        if entry is None:
+                            why = f"the owner's lease on host {self.owner_host} expired"
+                            raise AbortError(key, self.owner_pid, why)
+                    else:  # renewed (-1: it has no expiry, which only a hand-made key has)
+                        self.ttl = time.monotonic() + (left if left >= 0 else tier.lease * 1000) / 1000
+            except _Trouble as e:
+                tier.trouble("wait", e)
+                raise RunHere from e
+            if entry is not None:
+                return self._outcome(key, entry, time.monotonic() - began)
+
+    def _read(self, stream: str, block: float) -> dict[bytes, bytes] | None:
+        """One read of the call's stream from its start: blocking up to ``block`` s (0: not at all)."""
+        tier = self.tier
+        redis = tier._redis
+        try:
+            client = tier.client()
+            pool = client.connection_pool
+            conn = pool.get_connection()
+        except (redis.RedisError, OSError) as e:
+            raise _Trouble(f"{type(e).__name__}: {e}") from e
+        try:
+            args: list[object] = ["XREAD", "COUNT", 1]
+            if block > 0:
+                args += ["BLOCK", max(int(block * 1000), 1)]
+            conn.send_command(*args, "STREAMS", stream, "0-0")
+            reply = conn.read_response(timeout=block + READ_MARGIN)
+        except (redis.RedisError, OSError) as e:
+            conn.disconnect()
+            raise _Trouble(f"{type(e).__name__}: {e}") from e
+        except BaseException:
+            conn.disconnect()  # a reply may still come on it: nobody else may read it
+            raise
+        finally:
+            pool.release(conn)
+        return _stream_entry(reply)
+
+    def _outcome(self, key: str | bytes, entry: dict[bytes, bytes], waited: float) -> Result[Any]:
+        tier = self.tier
+        kind, payload = entry.get(b"o"), entry.get(b"p")
+        if kind not in (_PAYLOAD, _NOT_SHARED) or type(payload) is not bytes:
+            raise CorruptPayload(f"the outcome of key {key!r} in Redis has no kind or payload")
+        if tier.secret is not None:
+            sig = tier._sign(self.token, kind, payload)
+            if not hmac.compare_digest(sig, entry.get(b"s", b"")):
+                raise CorruptPayload(f"the outcome of key {key!r} in Redis is not signed with the secret")
+        if kind == _NOT_SHARED:
+            raise RunHere(f"the outcome of key {key!r} is larger than max_remote_bytes")
+        try:
+            value = _codec.unpack(payload, tier.opts.codec, key=key, owner_pid=self.owner_pid)
+        except BaseException as e:
+            e.add_note(f"(the owner ran on host {self.owner_host})")
+            raise
+        return Result(value, True)
+
+    def rename(self, tid: int) -> None:
+        pass
+
+    def note(self, data: bytes) -> None:
+        pass
+
+    def recover(self, wait: bool = True) -> None:
+        """An exception ended the caller's part: an owner's call is aborted for the remote waiters."""
+        if self.role != OWN or self.done:
+            return
+        self.done = True
+        self.tier.let_go(self)
+        abort = _codec.pack_abort(f"the owner's caller ended early (host {self.tier.host})")
+
+        def publish() -> None:
+            with contextlib.suppress(_Trouble):
+                self.tier.publish(self.key, self.token, self.fence, _PAYLOAD, abort)
+
+        if wait:
+            publish()
+        else:
+            threading.Thread(target=publish, daemon=True, name="mpflight-abort").start()
+
+    def hand(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._fence_reset is not None:
+            with contextlib.suppress(ValueError):  # reset only in the context that set it
+                _fence.reset(self._fence_reset)
+            self._fence_reset = None
+
+
+def _text(value: object, what: str) -> str:
+    if type(value) is not bytes or len(value) > 256:
+        raise _Trouble(f"ENTER replied a bad {what}")
+    return value.decode("utf-8", "replace")
+
+
+def _entered(reply: object) -> tuple[int, tuple[str, int, str, int, int]]:
+    """ENTER's reply, checked: (1 own, 2 join or 3 collision, (token, fence, host, pid, ttl ms))."""
+    if type(reply) is not list or not reply or type(reply[0]) is not int:
+        raise _Trouble("ENTER replied no role")
+    role = reply[0]
+    if role == 3:
+        return 3, ("", 0, "", 0, 0)
+    if role not in (1, 2) or len(reply) != 6:
+        raise _Trouble(f"ENTER replied role {role!r} with {len(reply)} fields")
+    token = _text(reply[1], "token")
+    fence_no, ttl = reply[2], reply[5]
+    if isinstance(fence_no, bytes) and fence_no.isdigit():
+        fence_no = int(fence_no)
+    pid = reply[4]
+    if isinstance(pid, bytes) and pid.isdigit():
+        pid = int(pid)
+    if (
+        len(token) != 32
+        or any(c not in "0123456789abcdef" for c in token)
+        or type(fence_no) is not int
+        or type(pid) is not int
+        or type(ttl) is not int
+    ):
+        raise _Trouble("ENTER replied a lease with bad fields")
+    return role, (token, fence_no, _text(reply[3], "host"), pid, max(ttl, 0))
+
+
+def _stream_entry(reply: object) -> dict[bytes, bytes] | None:
+    """The first entry of an XREAD reply as its fields, or None when there is none."""
+    if reply is None or reply == []:
+        return None
+    try:
+        streams: Any = list(reply.items()) if isinstance(reply, dict) else reply  # RESP3, RESP2
+        ((_, entries),) = streams
+        ((_, flat),) = entries
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    except (TypeError, ValueError) as e:
+        raise _Trouble(f"XREAD replied something else than one entry: {e}") from e
+    if not all(type(k) is bytes and type(v) is bytes for k, v in fields.items()):
+        raise _Trouble("XREAD replied fields that are not strings")
+    return fields
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_tiers):
+        tier._owned, tier._renewer = {}, None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
