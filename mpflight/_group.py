@@ -280,7 +280,10 @@ class Group:
         raising an Exception and aborts ended without an outcome (the owner died, fn left by
         KeyboardInterrupt or SystemExit, or an exception interrupted the call). Of the joins, shared
         counts the waiters that received an outcome and timeouts those that gave up; wait_ns is the
-        total time waiters spent waiting.
+        total time waiters spent waiting. With ``redis=``, of the runs, remote_owners owned the call
+        fleet-wide and remote_joins waited on another host; remote_fallbacks are the steps Redis could
+        not serve, remote_fenced the publishes it rejected (the lease was lost), and remote_not_shared
+        the outcomes too large to share across hosts (all 0 without the tier).
         """
         return _housekeeping.stats(self._table())
 

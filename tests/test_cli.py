@@ -150,7 +150,8 @@ def test_gc_reclaims_a_dead_owners_call_and_a_leaked_segment(busy_table: dict[st
     assert json.loads(proc.stdout) == {"calls": 1, "waiters": 0, "segments": 0}
     calls = json.loads(mpflight_cli("inspect", name, "--json").stdout)
     assert [c.get("key") for c in calls] == ["held"]
-    assert mpflight_cli("gc", name).stdout.strip() == "nothing to reclaim"
+    again = mpflight_cli("gc", name)
+    assert again.stdout.strip() == "nothing to reclaim", (again.returncode, again.stderr)
 
 
 def test_gc_removes_an_orphaned_segment(name: str) -> None:
