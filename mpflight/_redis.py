@@ -61,6 +61,8 @@ MAX_BLOCK: Final = 1.0
 # What a blocking read's socket timeout adds to its block time; and what a waiter allows past the
 # owner's lease before it asks Redis whether the lease is still there.
 READ_MARGIN: Final = 0.25
+# How many ended calls a process remembers, so that the table's free of one it ended tells Redis nothing.
+ENDED_KEPT: Final = 4096
 LEASE_GRACE: Final = 0.05
 _FENCING: Final = "fencing" not in _faults.DISABLED  # the test switch (mpflight._faults)
 
@@ -196,6 +198,7 @@ class RedisTier:
         self._troubled = False  # in an episode of Redis trouble: logged once, at its start
         self._checked_policy = False
         self._owned: dict[str, RedisEntry] = {}  # token -> entry: the leases this process renews
+        self._ended: dict[str, bool] = {}  # tokens whose end this process published, oldest first
         self._renewer: threading.Thread | None = None
         self._wake = threading.Event()
         _tiers.add(self)
@@ -241,6 +244,9 @@ class RedisTier:
             if not self._checked_policy:
                 self._check_policy(client)
             reply = self._scripts[script](keys=keys, args=args, client=client)
+        except (self._redis.exceptions.NoPermissionError, self._redis.exceptions.AuthenticationError) as e:
+            # Not trouble but configuration: the user or its rights are wrong, whatever fail says.
+            raise TierUnavailable(self.name, f"{type(e).__name__}: {e}") from e
         except self._redis.RedisError as e:
             raise _Trouble(f"{type(e).__name__}: {e}") from e
         except OSError as e:
@@ -298,6 +304,10 @@ class RedisTier:
             return
         _, _, token_bytes, fence_no = _NOTE.unpack_from(data)
         token = token_bytes.hex()
+        with self._lock:
+            if self._ended.pop(token, False):
+                return  # this process published the call's end itself: the table freeing it is its due
+
         why = reason or "the owner's call ended without an outcome"
         try:
             self.publish(key, token, fence_no, _PAYLOAD, _codec.pack_abort(f"{why} (host {self.host})"))
@@ -335,8 +345,10 @@ class RedisTier:
         return hmac.new(self.secret, token.encode() + kind + payload, hashlib.sha256).digest()
 
     def hold(self, entry: RedisEntry) -> None:
-        """Renew the entry's lease until it is let go; the renewer starts on first use."""
+        """Renew the entry's lease every third of it until it is let go. The renewer thread starts
+        on first use (not in Group(): gunicorn --preload forks after import) and lives on."""
         with self._lock:
+            entry.renew_at = time.monotonic() + self.renew_every
             self._owned[entry.token] = entry
             if self._renewer is None or not self._renewer.is_alive():
                 self._renewer = threading.Thread(
@@ -345,14 +357,23 @@ class RedisTier:
                 )  # fmt: skip
                 self._renewer.start()
 
-    def let_go(self, entry: RedisEntry) -> None:
+    def let_go(self, entry: RedisEntry, ended: bool = False) -> None:
+        """Stop renewing the entry's lease; ``ended``: its end is published (or is being)."""
         with self._lock:
             self._owned.pop(entry.token, None)
+            if ended:
+                self._ended[entry.token] = True
+                while len(self._ended) > ENDED_KEPT:  # a table freed elsewhere tells another process
+                    del self._ended[next(iter(self._ended))]
 
-    def renew_all(self) -> None:
+    def renew_due(self) -> float:
+        """Renew the leases that are due; return when the next one is."""
+        now = time.monotonic()
         with self._lock:
-            owned = list(self._owned.values())
-        for entry in owned:
+            due = [e for e in self._owned.values() if e.renew_at <= now]
+            for entry in due:
+                entry.renew_at = now + self.renew_every
+        for entry in due:
             try:
                 kept = self.run(
                     "renew", [entry.prefix + "lease", entry.prefix + "gone:" + entry.token],
@@ -363,25 +384,24 @@ class RedisTier:
                 continue
             if kept != 1:
                 self.let_go(entry)  # expired or taken: its publish will be fenced
+        with self._lock:
+            return min((e.renew_at for e in self._owned.values()), default=now + self.renew_every)
 
 
 _tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
 
 
 def _renew_loop(ref: weakref.ref[RedisTier]) -> None:
-    """The renewer of one tier in one process: every third of the lease, renew what it owns."""
+    """The renewer of one tier in one process: renews each owned lease a third of it after the last
+    time; ends with the tier."""
     while True:
         tier = ref()
         if tier is None:
             return
-        every = tier.renew_every
-        with tier._lock:
-            if not tier._owned:
-                tier._renewer = None
-                return
-        tier.renew_all()
-        del tier
-        time.sleep(every)
+        wake, then = tier._wake, tier.renew_due()
+        del tier  # holding no reference while it sleeps: the tier may go
+        wake.wait(max(then - time.monotonic(), 0.001))
+        wake.clear()
 
 
 class RedisEntry:
@@ -398,6 +418,7 @@ class RedisEntry:
         self.owner_host = ""
         self.owner_pid = 0
         self.ttl = 0.0  # when the owner's lease expires, monotonic
+        self.renew_at = 0.0  # OWN: when its lease is renewed next, monotonic
         self.noted = b""
         self.done = False
         self._fence_reset: contextvars.Token[int | None] | None = None
@@ -453,7 +474,7 @@ class RedisEntry:
             return False
         self.done = True
         tier = self.tier
-        tier.let_go(self)
+        tier.let_go(self, ended=True)
         if error is None:
             try:
                 payload = _codec.pack_value(value, tier.opts.codec)
@@ -571,7 +592,7 @@ class RedisEntry:
         if self.role != OWN or self.done:
             return
         self.done = True
-        self.tier.let_go(self)
+        self.tier.let_go(self, ended=True)
         abort = _codec.pack_abort(f"the owner's caller ended early (host {self.tier.host})")
 
         def publish() -> None:
@@ -644,7 +665,7 @@ def _stream_entry(reply: object) -> dict[bytes, bytes] | None:
 
 def _after_fork_in_child() -> None:
     for tier in list(_tiers):
-        tier._owned, tier._renewer = {}, None
+        tier._owned, tier._ended, tier._renewer = {}, {}, None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

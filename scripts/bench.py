@@ -381,6 +381,120 @@ def w4(env: dict[str, Any], quick: bool) -> dict[str, Any]:
     return out
 
 
+# -- W6: one key across simulated hosts (the Redis tier) ------------------------------------------------------
+
+
+def _fleet_worker(url: str, name: str, host: str, rounds: int, barrier: Any, queue: Any) -> None:
+    import mpflight
+
+    group = mpflight.Group(name, redis=url, host_id=host, timeout=60)
+    rows = []
+    for r in range(rounds):
+        ran: list[float] = []
+
+        def fn(ran: list[float] = ran) -> bytes:
+            time.sleep(0.02)
+            ran.append(time.monotonic())
+            return b"x" * 1024
+
+        barrier.wait()
+        try:
+            ok = group.do(f"fleet-{r}", fn) == b"x" * 1024
+        except Exception:
+            ok = False
+        rows.append((r, host, ran[0] if ran else None, time.monotonic(), ok))
+    queue.put(rows)
+    group.close()
+
+
+# Commands that the tier's scripts run inside Redis: INFO commandstats counts them, but they are no
+# round trip of their own.
+_IN_SCRIPTS = {"hget", "hset", "hmget", "hlen", "del", "incr", "pexpire", "pttl", "xadd", "rename"}
+
+
+def _commands(client: Any) -> dict[str, int]:
+    """Redis's own count of the round trips clients made, by command (INFO commandstats)."""
+    stats = client.info("commandstats").items()
+    return {
+        k.removeprefix("cmdstat_"): v["calls"]
+        for k, v in stats
+        if k.removeprefix("cmdstat_") not in _IN_SCRIPTS
+    }
+
+
+def _uncontended(url: str | None, name: str, calls: int, client: Any = None) -> tuple[float, float]:
+    """Seconds per uncontended do(), and Redis round trips per call (with ``url``)."""
+    import mpflight
+
+    group = mpflight.Group(name, redis=url) if url else mpflight.Group(name)
+    keys = [f"u{i}" for i in range(calls)]
+    group.do("warm-up", int)  # the connection and the scripts, once per process
+    before = sum(_commands(client).values()) if client is not None else 0
+    start = time.perf_counter()
+    for k in keys:
+        group.do(k, int)
+    elapsed = (time.perf_counter() - start) / calls
+    trips = (sum(_commands(client).values()) - before - 1) / calls if client is not None else 0.0  # less INFO
+    group.close()
+    return elapsed, trips
+
+
+def w6(env: dict[str, Any], quick: bool) -> dict[str, Any] | None:
+    """A herd on one key across 3 simulated hosts x 4 processes (fn 20 ms), through one Redis."""
+    port = env.get("redis_port")
+    if port is None:
+        return None
+    import redis
+
+    import mpflight
+
+    url, name, hosts = f"redis://127.0.0.1:{port}/0", f"bench-{os.getpid()}-w6", ("h0", "h1", "h2")
+    client = redis.Redis(port=port)
+    rounds = 3 if quick else 20
+    barrier, queue = CTX.Barrier(12), CTX.Queue()
+    before = _commands(client)
+    workers = [
+        CTX.Process(target=_fleet_worker, args=(url, name, hosts[i % 3], rounds, barrier, queue))
+        for i in range(12)
+    ]
+    for w in workers:
+        w.start()
+    rows = [row for _ in workers for row in queue.get(timeout=600)]
+    for w in workers:
+        w.join(60)
+    after = _commands(client)
+    ran = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    executions, remote, local, failures = [], [], [], 0
+    for r in range(rounds):
+        round_rows = [row for row in rows if row[0] == r]
+        owners = [row for row in round_rows if row[2] is not None]
+        executions.append(len(owners))
+        failures += sum(not row[4] for row in round_rows)
+        if owners:
+            returned, owner_host = min(row[2] for row in owners), owners[0][1]
+            for row in round_rows:
+                if row[2] is None:
+                    (local if row[1] == owner_host else remote).append(row[3] - returned)
+    calls = 200 if quick else 2000
+    plain, _ = _uncontended(None, f"{name}-plain", calls)
+    tiered, uncontended_trips = _uncontended(url, f"{name}-tier", calls, client)
+    for table in mpflight.tables():
+        if table.startswith(name):
+            mpflight.unlink(table)
+    for key in client.scan_iter(f"mpf:{name}*"):
+        client.delete(key)
+    return {
+        "executions_per_round": statistics.mean(executions),
+        "remote_wake": summary(remote),
+        "local_wake": summary(local),
+        "failures": failures,
+        "commands_per_round": {k: v / rounds for k, v in sorted(ran.items()) if v and k != "info"},
+        "round_trips_per_round": sum(v for k, v in ran.items() if k != "info") / rounds,
+        "uncontended_us": {"without": plain * 1e6, "with": tiered * 1e6},
+        "uncontended_commands_per_call": uncontended_trips,
+    }
+
+
 # -- W3: mixed load -------------------------------------------------------------------------------------------
 
 
@@ -725,6 +839,16 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         rows.append(
             (f"W2 herd of {n}: at least 10x below the best peer", f"{best / m:.1f}x below", best / m >= 10)
         )
+    if r.get("w6") is not None:
+        w6r, lock = r["w6"], (r["w2"].get("redis/8") or {}).get("wake", {}).get("median", float("nan"))
+        remote = w6r["remote_wake"]["median"]
+        rows.append(("W6: one execution per round across 3 hosts", f"{w6r['executions_per_round']:g}",
+                     w6r["executions_per_round"] == 1))  # fmt: skip
+        rows.append(("W6: remote wake median under 2 ms", f"{ms(remote)} ms", remote < 0.002))
+        rows.append(("W6: remote wake at least 50x below redis-py Lock (W2 herd of 8)",
+                     f"{lock / remote:.0f}x below", lock / remote >= 50))  # fmt: skip
+        per_call = w6r["uncontended_commands_per_call"]
+        rows.append(("W6: uncontended call costs 2 round trips", f"{per_call:.2f}", per_call <= 2.01))
     p99 = r["w2"]["mpflight/8"]["wake"]["p99"]
     rows.append(("W2 herd of 8: p99 under 2 ms", f"{ms(p99)} ms", p99 < 0.002))
     cpus = [
@@ -891,6 +1015,24 @@ def markdown(r: dict[str, Any]) -> str:
                 else f"{', '.join(v['outcomes'])} | {'; '.join(v['detail']) or '-'} |"
             )
         )
+    w6r = r.get("w6")
+    lines += ["", "## W6: one key across 3 simulated hosts x 4 processes, through Redis (fn 20 ms)", ""]
+    if w6r is None:
+        lines.append("skipped: no redis-server")
+    else:
+        rw, lw, un = w6r["remote_wake"], w6r["local_wake"], w6r["uncontended_us"]
+        cmds = ", ".join(f"{k} {v:g}" for k, v in w6r["commands_per_round"].items())
+        lines += [
+            "| measure | value |",
+            "|---|---|",
+            f"| executions per round (12 callers) | {w6r['executions_per_round']:g} |",
+            f"| remote wake, median / p99 ms (other hosts' callers, from fn's return) | {ms(rw['median'])} / {ms(rw['p99'])} |",
+            f"| local wake, median / p99 ms (the owner host's other callers) | {ms(lw['median'])} / {ms(lw['p99'])} |",
+            f"| Redis round trips per round (1 owner host, 2 waiting hosts; 12 callers) | {w6r['round_trips_per_round']:g}: {cmds} |",
+            f"| uncontended do(), us without / with the tier | {un['without']:.1f} / {un['with']:.1f} |",
+            f"| Redis round trips per uncontended call | {w6r['uncontended_commands_per_call']:.2f} |",
+            f"| failures | {w6r['failures']} |",
+        ]
     fl = r["floors"]
     lines += [
         "",
@@ -938,7 +1080,7 @@ def main() -> int:
         env = {"redis_port": port}
         if port is None:
             print("note: redis-server is not installed: the redis peer is skipped", file=sys.stderr)
-        for name, run in (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("w5", w5)):
+        for name, run in (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("w5", w5), ("w6", w6)):
             started = time.monotonic()
             results[name] = run(env, args.quick)
             print(f"{name} done in {time.monotonic() - started:.1f} s", file=sys.stderr)

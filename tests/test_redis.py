@@ -527,3 +527,71 @@ def test_without_redis_the_tier_is_not_imported(name: str) -> None:
         capture_output=True, text=True, timeout=DEADLINE, check=True,
     ).stdout  # fmt: skip
     assert out.strip() == "False"
+
+
+# -- TLS and ACLs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, name: str) -> Iterator[tuple[RedisServer, int, str]]:
+    """A server with a TLS port (a self-signed certificate) and an ACL user limited to the group's keys."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=DEADLINE,
+    )  # fmt: skip
+    from tests.redis_server import free_port
+
+    tls_port = free_port()
+    s = RedisServer(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        "--user", "app", "on", ">secret-pw", f"~mpf:{name}:*", "&*", "+@all", "-@dangerous",
+        "--user", "stranger", "on", ">other-pw", "~elsewhere:*", "&*", "+@all", "-@dangerous",
+    )  # fmt: skip
+    yield s, tls_port, str(cert)
+    s.stop()
+
+
+def test_rediss_with_an_acl_user_limited_to_the_prefix_works(
+    tls_server: tuple[RedisServer, int, str], name: str
+) -> None:
+    server, port, ca = tls_server
+    url = f"rediss://app:secret-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    release = threading.Event()
+    a = mpflight.Group(name, redis=url, host_id="a", timeout=DEADLINE, fail="closed")
+    b = mpflight.Group(name, redis=url, host_id="b", timeout=DEADLINE, fail="closed")
+    try:
+        got: dict[str, object] = {}
+        owner = threading.Thread(
+            target=lambda: got.update(a=a.do("k", lambda: release.wait(DEADLINE) and "a"))
+        )
+        owner.start()
+        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
+        waiter = threading.Thread(target=lambda: got.update(b=b.do_ex("k", lambda: "b ran")))
+        waiter.start()
+        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis, over TLS")
+        release.set()
+        owner.join(DEADLINE), waiter.join(DEADLINE)
+        assert got == {"a": "a", "b": mpflight.Result("a", True)}
+    finally:
+        release.set()
+        a.close(), b.close()
+        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+def test_a_user_without_rights_gets_a_clear_error(
+    tls_server: tuple[RedisServer, int, str], name: str, fail: str
+) -> None:
+    _, port, ca = tls_server
+    for user, password, why in (
+        ("stranger", "other-pw", "NoPermissionError"),
+        ("app", "wrong", "Authentication"),
+    ):
+        url = f"rediss://{user}:{password}@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        with mpflight.Group(name, redis=url, fail=fail) as g:
+            with pytest.raises(mpflight.TierUnavailable, match=why):
+                g.do("k", lambda: 1)
+            assert g.inflight() == []  # nothing of the call stays in the table
