@@ -148,6 +148,9 @@ class Group:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
         registry.release(at)
+        close_next = getattr(self._next, "close", None)
+        if close_next is not None:
+            close_next()  # the next tier's connections
 
     def _table(self) -> Table:
         if self._at is None:

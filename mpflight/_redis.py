@@ -180,6 +180,10 @@ class RedisTier:
             raise ImportError("redis= needs redis-py: pip install 'mpflight[redis]'") from None
 
         self._redis = redis
+        # Everything a step against Redis may raise that means "Redis could not serve it".
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError, redis.exceptions.RedisClusterException, OSError,
+        )  # fmt: skip
         self.name = opts.name
         self.opts = opts
         self.host = host
@@ -228,6 +232,13 @@ class RedisTier:
                 }  # fmt: skip
             return self._client
 
+    def close(self) -> None:
+        """Close this process's client, when the tier made it (a given client is its owner's)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and self._given is None and self._pid == os.getpid():
+            client.close()
+
     def _from_url(self, url: str) -> Any:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -247,9 +258,7 @@ class RedisTier:
         except (self._redis.exceptions.NoPermissionError, self._redis.exceptions.AuthenticationError) as e:
             # Not trouble but configuration: the user or its rights are wrong, whatever fail says.
             raise TierUnavailable(self.name, f"{type(e).__name__}: {e}") from e
-        except self._redis.RedisError as e:
-            raise _Trouble(f"{type(e).__name__}: {e}") from e
-        except OSError as e:
+        except self._errors as e:
             raise _Trouble(f"{type(e).__name__}: {e}") from e
         self._recovered()
         return reply
@@ -259,7 +268,7 @@ class RedisTier:
         self._checked_policy = True
         try:
             policy = client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"")
-        except self._redis.RedisError:
+        except self._errors:
             return  # CONFIG may be refused to this user: nothing to say
         if isinstance(policy, bytes) and policy.startswith(b"allkeys-"):
             log.warning("mpflight group %r: Redis's maxmemory-policy is %s, which can evict a call's "
@@ -540,12 +549,13 @@ class RedisEntry:
     def _read(self, stream: str, block: float) -> dict[bytes, bytes] | None:
         """One read of the call's stream from its start: blocking up to ``block`` s (0: not at all)."""
         tier = self.tier
-        redis = tier._redis
         try:
             client = tier.client()
+            if hasattr(client, "get_node_from_key"):  # a Redis Cluster: the node that holds the stream
+                client = client.get_redis_connection(client.get_node_from_key(stream))
             pool = client.connection_pool
             conn = pool.get_connection()
-        except (redis.RedisError, OSError) as e:
+        except tier._errors as e:
             raise _Trouble(f"{type(e).__name__}: {e}") from e
         try:
             args: list[object] = ["XREAD", "COUNT", 1]
@@ -553,7 +563,7 @@ class RedisEntry:
                 args += ["BLOCK", max(int(block * 1000), 1)]
             conn.send_command(*args, "STREAMS", stream, "0-0")
             reply = conn.read_response(timeout=block + READ_MARGIN)
-        except (redis.RedisError, OSError) as e:
+        except tier._errors as e:
             conn.disconnect()
             raise _Trouble(f"{type(e).__name__}: {e}") from e
         except BaseException:

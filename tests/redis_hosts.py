@@ -38,7 +38,12 @@ def _fn(config: dict[str, Any]) -> Any:
 def main() -> None:
     config = json.loads(sys.argv[1])
     options = config.get("options", {})
-    group = mpflight.Group(config["name"], redis=config["url"], host_id=config["host"], **options)
+    redis: Any = config["url"]
+    if config.get("cluster"):  # a Redis Cluster: a client of this process, made here
+        from redis.cluster import ClusterNode, RedisCluster
+
+        redis = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", config["cluster"])], socket_timeout=2)
+    group = mpflight.Group(config["name"], redis=redis, host_id=config["host"], **options)
     record: dict[str, Any] = {"host": config["host"], "pid": os.getpid()}
     try:
         result = group.do_ex(config["key"], _fn, config)

@@ -89,3 +89,60 @@ class RedisServer:
                 self.proc.wait()
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    pytest.fail("no free port pair for a cluster node")
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` nodes on loopback, no replicas, persistence off."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes: list[RedisServer] = []
+        try:
+            for _ in range(masters):
+                node = RedisServer.__new__(RedisServer)
+                node.binary = shutil.which("redis-server") or pytest.fail("redis-server is not installed")
+                node.dir = tempfile.mkdtemp(prefix="mpflight-cluster-")
+                node.port = _free_cluster_port()
+                node.extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                              "--cluster-node-timeout", "2000")  # fmt: skip
+                node.proc = None
+                node.start()
+                self.nodes.append(node)
+            cli = shutil.which("redis-cli") or pytest.fail("redis-cli is not installed")
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", "0",
+                 "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            end = time.monotonic() + STARTUP
+            while not all(b"cluster_state:ok" in self._info(n) for n in self.nodes):
+                if time.monotonic() > end:
+                    pytest.fail("the cluster did not become ready")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _info(node: RedisServer) -> bytes:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=2) as s:
+            s.sendall(b"CLUSTER INFO\r\n")
+            return s.recv(65536)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

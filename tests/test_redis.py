@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 import mpflight
 from mpflight._protocol import JOIN, OWN, Options
 from mpflight._redis import RedisTier
 from tests.helpers import DEADLINE, ROOT, wait_until
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(90)
 def server() -> Iterator[RedisServer]:
     s = RedisServer()
     yield s
-    s.stop()
+    _stop(s)
 
 
 @pytest.fixture
@@ -41,18 +42,36 @@ def own_server() -> Iterator[RedisServer]:
     """A server of the test's own, which it may pause or kill."""
     s = RedisServer()
     yield s
-    s.stop()
+    _stop(s)
 
 
-def _client(server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(server.url, socket_timeout=5)
+_clients: dict[int, Any] = {}  # the tests' own client of each server, closed with the server
 
 
-def _leases(server: RedisServer, name: str) -> list[bytes]:
+def _client(server: RedisServer | RedisClusterServers) -> Any:
+    if id(server) not in _clients:
+        if isinstance(server, RedisClusterServers):
+            port = server.nodes[0].port
+            _clients[id(server)] = RedisCluster(
+                startup_nodes=[ClusterNode("127.0.0.1", port)], socket_timeout=5
+            )
+        else:
+            _clients[id(server)] = redis.Redis.from_url(server.url, socket_timeout=5)
+    return _clients[id(server)]
+
+
+def _stop(server: RedisServer | RedisClusterServers) -> None:
+    client = _clients.pop(id(server), None)
+    if client is not None:
+        client.close()
+    server.stop()
+
+
+def _leases(server: RedisServer | RedisClusterServers, name: str) -> list[bytes]:
     return sorted(_client(server).scan_iter(f"mpf:{name}:*:lease"))
 
 
-def _remote_waiters(server: RedisServer, name: str) -> int:
+def _remote_waiters(server: RedisServer | RedisClusterServers, name: str) -> int:
     leases = _leases(server, name)
     return -1 if len(leases) != 1 else int(_client(server).hlen(leases[0])) - 5
 
@@ -60,7 +79,7 @@ def _remote_waiters(server: RedisServer, name: str) -> int:
 class Hosts:
     """Simulated hosts: each caller is a process (tests.redis_hosts) in its host's process group."""
 
-    def __init__(self, server: RedisServer, name: str, tmp: Path) -> None:
+    def __init__(self, server: RedisServer | RedisClusterServers, name: str, tmp: Path) -> None:
         self.server, self.name, self.dir = server, name, tmp
         self.groups: dict[str, int] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -69,8 +88,10 @@ class Hosts:
 
     def start(self, host: str, key: str = "k", mode: str = "value", env: dict[str, str] | None = None,
               **options: Any) -> subprocess.Popen[bytes]:  # fmt: skip
-        config = {"url": self.server.url, "name": self.name, "host": host, "key": key, "mode": mode,
-                  "dir": str(self.dir), "options": options}  # fmt: skip
+        cluster = isinstance(self.server, RedisClusterServers)
+        config = {"url": "" if cluster else self.server.url, "name": self.name, "host": host, "key": key,
+                  "mode": mode, "dir": str(self.dir), "options": options,
+                  "cluster": self.server.nodes[0].port if cluster else None}  # fmt: skip
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.redis_hosts", json.dumps(config)],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
@@ -121,7 +142,7 @@ def hosts(server: RedisServer, name: str, tmp_path: Path) -> Iterator[Hosts]:
     _flush(server, name)
 
 
-def _flush(server: RedisServer, name: str) -> None:
+def _flush(server: RedisServer | RedisClusterServers, name: str) -> None:
     c = _client(server)
     for key in c.scan_iter(f"mpf:{name}:*"):
         c.delete(key)
@@ -149,6 +170,36 @@ def test_three_hosts_of_four_processes_share_one_execution(hosts: Hosts, server:
     assert sum(s["remote_owners"] for s in by_host.values()) == 1
     assert sum(s["remote_joins"] for s in by_host.values()) == 2
     assert hosts.runs()[0][2] != "None"  # fn saw its fence number
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    c = RedisClusterServers(3)
+    yield c
+    _stop(c)
+
+
+def test_a_cluster_of_three_masters_shares_one_execution(
+    cluster: RedisClusterServers, name: str, tmp_path: Path
+) -> None:
+    hosts = Hosts(cluster, name, tmp_path)
+    try:
+        for i in range(12):
+            hosts.start(f"h{i % 3}")
+        wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
+        wait_until(lambda: _remote_waiters(cluster, name) == 2, "the two other hosts in the cluster")
+        for h in ("h0", "h1", "h2"):
+            wait_until(hosts.waiting(h, 3), f"3 local waiters on {h}")
+        hosts.open()
+        outs = hosts.outs(12)
+        assert len(hosts.runs()) == 1
+        assert len({json.dumps(o.get("value"), sort_keys=True) for o in outs}) == 1
+        assert all(o["shared"] for o in outs)
+        # Keys of several calls spread over the masters: the second key is on another node than the first.
+        assert all("error" not in o for o in outs)
+    finally:
+        hosts.close()
+        _flush(cluster, name)
 
 
 def test_fns_error_reaches_every_caller_on_every_host(hosts: Hosts, server: RedisServer) -> None:
@@ -259,6 +310,7 @@ def test_a_waiter_that_reads_after_the_publish_gets_the_outcome_at_once(
         assert time.monotonic() - began < 0.5  # not a timed wait for a missed message: a hang catch
         o.close(), w.close()
     finally:
+        owner.close(), waiter.close()
         _flush(server, name)
 
 
@@ -272,6 +324,7 @@ def test_a_forged_outcome_is_refused_when_the_group_has_a_secret(server: RedisSe
         with pytest.raises(mpflight.CorruptPayload, match="not signed"):
             w.wait("k")
     finally:
+        owner.close(), waiter.close()
         _flush(server, name)
 
 
@@ -466,6 +519,7 @@ def test_every_key_the_tier_writes_expires(server: RedisServer, name: str) -> No
         assert keys and all(c.pttl(k) > 0 for k in keys)  # the fence counter and the outcome's stream
         assert not any(k.endswith(b":lease") for k in keys)  # a finished call is not joined
     finally:
+        owner.close(), waiter.close()
         _flush(server, name)
 
 
@@ -504,7 +558,7 @@ def test_mpflight_host_id_names_the_hosts_table(name: str) -> None:
 
 
 def test_a_client_made_before_fork_is_refused_in_the_child(server: RedisServer, name: str) -> None:
-    client = _client(server)
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
     with mpflight.Group(name, redis=client) as g:
         assert g.do("k", lambda: 1) == 1
         pid = os.fork()
@@ -517,6 +571,7 @@ def test_a_client_made_before_fork_is_refused_in_the_child(server: RedisServer, 
             os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+    client.close()
     _flush(server, name)
 
 
@@ -551,7 +606,7 @@ def tls_server(tmp_path: Path, name: str) -> Iterator[tuple[RedisServer, int, st
         "--user", "stranger", "on", ">other-pw", "~elsewhere:*", "&*", "+@all", "-@dangerous",
     )  # fmt: skip
     yield s, tls_port, str(cert)
-    s.stop()
+    _stop(s)
 
 
 def test_rediss_with_an_acl_user_limited_to_the_prefix_works(
