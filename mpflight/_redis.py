@@ -499,7 +499,8 @@ class RedisEntry:
             kind, payload = _NOT_SHARED, b""
         try:
             joins = tier.publish(self.key, self.token, self.fence, kind, payload)
-        except _Trouble as e:
+        except _Trouble as e:  # the owner has its outcome whatever fail says: only counted
+            tier.count("remote_fallbacks")
             log.warning("mpflight group %r: could not publish to Redis (%s): remote waiters see the "
                         "lease expire", tier.name, e)  # fmt: skip
             return False

@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,9 +73,49 @@ def _leases(server: RedisServer | RedisClusterServers, name: str) -> list[bytes]
     return sorted(_client(server).scan_iter(f"mpf:{name}:*:lease"))
 
 
+def _joined(server: RedisServer | RedisClusterServers, name: str) -> list[int]:
+    """How many remote waiters each lease of the group has."""
+    return [int(_client(server).hlen(lease)) - 5 for lease in _leases(server, name)]
+
+
 def _remote_waiters(server: RedisServer | RedisClusterServers, name: str) -> int:
     leases = _leases(server, name)
     return -1 if len(leases) != 1 else int(_client(server).hlen(leases[0])) - 5
+
+
+class Netns:
+    """A network namespace joined to this one by a veth pair: a host whose link to Redis can be cut."""
+
+    def __init__(self) -> None:
+        if os.geteuid() != 0:
+            pytest.fail("the partition test needs root (ip netns): CI runs as root")
+        tag = uuid.uuid4().hex[:6]
+        self.name, self.link = f"mpf-{tag}", f"mpf{tag}"
+        third = int(tag[:2], 16)
+        self.outside, inside = f"10.201.{third}.1", f"10.201.{third}.2"
+        steps = [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.link, "type", "veth", "peer", "name", f"{self.link}p"],
+            ["ip", "link", "set", f"{self.link}p", "netns", self.name],
+            ["ip", "addr", "add", f"{self.outside}/30", "dev", self.link],
+            ["ip", "link", "set", self.link, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{inside}/30", "dev", f"{self.link}p"],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", f"{self.link}p", "up"],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+        ]
+        try:
+            for step in steps:
+                subprocess.run(step, check=True, capture_output=True, timeout=DEADLINE)
+        except BaseException:
+            self.delete()
+            raise
+
+    def cut(self) -> None:
+        subprocess.run(["ip", "link", "set", self.link, "down"], check=True, timeout=DEADLINE)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "link", "del", self.link], capture_output=True, timeout=DEADLINE, check=False)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=DEADLINE, check=False)
 
 
 class Hosts:
@@ -87,13 +129,17 @@ class Hosts:
         (tmp / "out").touch()
 
     def start(self, host: str, key: str = "k", mode: str = "value", env: dict[str, str] | None = None,
-              **options: Any) -> subprocess.Popen[bytes]:  # fmt: skip
+              netns: Netns | None = None, **options: Any) -> subprocess.Popen[bytes]:  # fmt: skip
         cluster = isinstance(self.server, RedisClusterServers)
-        config = {"url": "" if cluster else self.server.url, "name": self.name, "host": host, "key": key,
+        url = "" if cluster else self.server.url
+        if netns is not None:  # the host's process runs in the namespace and reaches Redis over its link
+            url = url.replace("127.0.0.1", netns.outside)
+        config = {"url": url, "name": self.name, "host": host, "key": key,
                   "mode": mode, "dir": str(self.dir), "options": options,
                   "cluster": self.server.nodes[0].port if cluster else None}  # fmt: skip
+        prefix = ["ip", "netns", "exec", netns.name] if netns is not None else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.redis_hosts", json.dumps(config)],
+            [*prefix, sys.executable, "-m", "tests.redis_hosts", json.dumps(config)],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
             process_group=self.groups.get(host, 0),
         )  # fmt: skip
@@ -650,3 +696,90 @@ def test_a_user_without_rights_gets_a_clear_error(
             with pytest.raises(mpflight.TierUnavailable, match=why):
                 g.do("k", lambda: 1)
             assert g.inflight() == []  # nothing of the call stays in the table
+
+
+# -- failover ------------------------------------------------------------------------------------------------
+
+
+def test_a_failover_mid_flight_gives_no_wrong_value_and_no_hang(name: str) -> None:
+    """Callers of two keys on two hosts; the primary hands over to its replica (FAILOVER) while the
+    owners run. Whatever each caller gets (the value, a fallback run of its own, an AbortError), it is
+    its own key's, and it comes within its timeout."""
+    primary = RedisServer()
+    replica = RedisServer("--replicaof", "127.0.0.1", str(primary.port))
+    timeout = 10.0
+    release = threading.Event()
+    groups = {h: mpflight.Group(name, redis=primary.url, host_id=h, timeout=timeout, redis_timeout=0.5)
+              for h in ("a", "b")}  # fmt: skip
+    got: list[tuple[str, str, object, float]] = []
+
+    def call(host: str, key: str) -> None:
+        began = time.monotonic()
+        try:
+            value: object = groups[host].do(key, lambda: release.wait(DEADLINE) and f"{key}:{host}")
+        except (mpflight.AbortError, TimeoutError) as e:
+            value = e
+        got.append((host, key, value, time.monotonic() - began))
+
+    try:
+        wait_until(lambda: b"master_link_status:up" in _info(replica), "the replica in sync")
+        threads = [threading.Thread(target=call, args=(h, k)) for k in ("k1", "k2") for h in ("a", "b")]
+        for t in threads:
+            t.start()
+        wait_until(
+            lambda: _remote_waiters(primary, name) == -1 and len(_leases(primary, name)) == 2, "both leases"
+        )
+        assert primary.command("FAILOVER") == b"+OK"
+        wait_until(lambda: b"role:slave" in _info(primary), "the primary to hand over")
+        release.set()
+        for t in threads:
+            t.join(timeout + DEADLINE)
+        assert len(got) == 4
+        for host, key, value, took in got:
+            assert isinstance(value, Exception) or value in (f"{key}:a", f"{key}:b"), (host, key, value)
+            assert took < timeout + 5, (host, key, took)
+    finally:
+        release.set()
+        for h, g in groups.items():
+            g.close()
+            mpflight.unlink(f"{name}+{h}")
+        _stop(replica)
+        _stop(primary)
+
+
+def _info(server: RedisServer) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
+        s.sendall(b"INFO replication\r\n")
+        return s.recv(65536)
+
+
+# -- a host cut off from Redis -----------------------------------------------------------------------------
+
+
+def test_a_host_cut_off_from_redis_loses_its_lease_and_the_others_are_told(name: str, tmp_path: Path) -> None:
+    """The owner's host runs in a network namespace; its link to Redis goes down while fn runs: its
+    lease expires, the other host's callers get AbortError within the lease plus a margin, and the
+    cut-off owner still returns its own value within its timeout."""
+    netns = Netns()
+    server = RedisServer("--bind", "127.0.0.1", netns.outside, "--protected-mode", "no")
+    hosts = Hosts(server, name, tmp_path)
+    lease = 1.0
+    try:
+        hosts.start("cut", netns=netns, lease=lease, timeout=20, redis_timeout=0.5)
+        wait_until(lambda: len(hosts.runs()) == 1, "the cut-off host's fn")
+        hosts.start("other", lease=lease)
+        hosts.start("other", lease=lease)
+        wait_until(lambda: _remote_waiters(server, name) == 1, "the other host in Redis")
+        wait_until(hosts.waiting("other", 1), "a local waiter on the other host")
+        began = time.monotonic()
+        netns.cut()
+        outs = hosts.outs(2)
+        assert time.monotonic() - began < lease + 10
+        assert [(o["host"], o["error"]) for o in outs] == [("other", "AbortError")] * 2
+        hosts.open()
+        cut = next(o for o in hosts.outs(3) if o["host"] == "cut")
+        assert cut["value"]["host"] == "cut" and cut["stats"]["remote_fallbacks"] >= 1
+    finally:
+        hosts.close()
+        _stop(server)
+        netns.delete()
