@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -783,3 +784,74 @@ def test_a_host_cut_off_from_redis_loses_its_lease_and_the_others_are_told(name:
         hosts.close()
         _stop(server)
         netns.delete()
+
+
+# -- chaos -------------------------------------------------------------------------------------------------------
+
+
+def test_chaos_kills_on_three_hosts_and_a_redis_restart_give_no_wrong_value(
+    own_server: RedisServer, name: str, tmp_path: Path
+) -> None:
+    """Three hosts of three workers call 20 keys while random workers are SIGKILLed (and replaced) and
+    Redis is killed and started again once: every outcome a caller gets is its own key's, made by an
+    execution of that key; every worker ends; every key the tier leaves in Redis expires."""
+    seed = int(os.environ.get("MPFLIGHT_CHAOS_SEED", "7"))
+    rng = random.Random(seed)
+    (tmp_path / "runs").touch()
+    (tmp_path / "out").touch()
+    procs: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
+    serial = 0
+
+    def start(host: str) -> None:
+        nonlocal serial
+        serial += 1
+        config = {"url": own_server.url, "name": name, "host": host, "dir": str(tmp_path), "keys": 20,
+                  "seed": seed * 1000 + serial}  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "tests.redis_chaos", json.dumps(config)], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+        procs[proc.pid] = (host, proc)
+
+    def calls() -> int:
+        return len((tmp_path / "out").read_text().splitlines())
+
+    def more_calls(n: int, what: str) -> None:
+        before = calls()
+        wait_until(lambda: calls() > before + n, what, 60)
+
+    try:
+        for i in range(9):
+            start(f"h{i % 3}")
+        more_calls(200, "calls before the chaos")
+        kills = 0
+        for step in range(40):
+            if step == 20:
+                own_server.kill()
+                more_calls(20, "calls while Redis is gone")
+                own_server.start()
+            pid = rng.choice(list(procs))
+            host, proc = procs.pop(pid)
+            proc.kill()
+            proc.wait()
+            kills += 1
+            start(host)
+            more_calls(5, "calls after a kill")
+        (tmp_path / "stop").touch()
+        for _, proc in procs.values():
+            assert proc.wait(DEADLINE) == 0  # no worker hangs
+        made = {tuple(line.split()) for line in (tmp_path / "runs").read_text().splitlines()}
+        outcomes = [line.split() for line in (tmp_path / "out").read_text().splitlines()]
+        values = [(k, v) for k, v in outcomes if not v.startswith("!")]
+        assert len(outcomes) > 200 + 20 + 40 * 5 and values and kills == 40  # what the waits ensured
+        for key, value in values:
+            k, _, token = value.partition(":")
+            assert k == key and (key, token) in made, (key, value)  # its own key's, from a real run
+        wait_until(lambda: not _leases(own_server, name), "the leases to expire", 10)
+        c = _client(own_server)
+        assert all(c.pttl(k) > 0 for k in c.scan_iter(f"mpf:{name}:*"))  # the rest expires too
+    finally:
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for h in ("h0", "h1", "h2"):
+            mpflight.unlink(f"{name}+{h}")
