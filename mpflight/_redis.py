@@ -32,6 +32,7 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import struct
@@ -61,6 +62,12 @@ MAX_BLOCK: Final = 1.0
 # What a blocking read's socket timeout adds to its block time; and what a waiter allows past the
 # owner's lease before it asks Redis whether the lease is still there.
 READ_MARGIN: Final = 0.25
+# A reader with nothing to read for this long ends; the next wait starts one again.
+READER_IDLE: Final = 5.0
+# How many lease renewals go to Redis in one round trip.
+RENEW_BATCH: Final = 500
+# The connections of one process's client made from a URL.
+MAX_CONNECTIONS: Final = 16
 # How many ended calls a process remembers, so that the table's free of one it ended tells Redis nothing.
 ENDED_KEPT: Final = 4096
 LEASE_GRACE: Final = 0.05
@@ -203,11 +210,24 @@ class RedisTier:
         self._checked_policy = False
         self._owned: dict[str, RedisEntry] = {}  # token -> entry: the leases this process renews
         self._ended: dict[str, bool] = {}  # tokens whose end this process published, oldest first
+        self._reader: _Reader | None = None
+        self._reader_pid = 0
         self._renewer: threading.Thread | None = None
         self._wake = threading.Event()
         _tiers.add(self)
 
     # -- the client ----------------------------------------------------------------------------------
+
+    @property
+    def reader(self) -> _Reader | None:
+        """This process's reader of outcome streams; None for a Redis Cluster."""
+        client = self.client()
+        if hasattr(client, "get_node_from_key"):
+            return None
+        with self._lock:
+            if self._reader is None or self._reader_pid != os.getpid():
+                self._reader, self._reader_pid = _Reader(self), os.getpid()
+            return self._reader
 
     def client(self) -> Any:
         """This process's client: built from the URL in each process; a given client only in the
@@ -243,10 +263,13 @@ class RedisTier:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return self._redis.Redis.from_url(
-            url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+        # A bounded pool: threads beyond it wait for a connection (as long as a command may take)
+        # instead of opening more; the reader holds one of its own.
+        pool = self._redis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=self.timeout, socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), health_check_interval=0,
         )  # fmt: skip
+        return self._redis.Redis(connection_pool=pool)
 
     def run(self, script: str, keys: list[str], args: list[object]) -> Any:
         """Run one of the scripts; Redis trouble of any kind is _Trouble."""
@@ -382,17 +405,20 @@ class RedisTier:
             due = [e for e in self._owned.values() if e.renew_at <= now]
             for entry in due:
                 entry.renew_at = now + self.renew_every
-        for entry in due:
+        for start in range(0, len(due), RENEW_BATCH):  # one round trip per batch, not per lease
+            batch = due[start : start + RENEW_BATCH]
             try:
-                kept = self.run(
-                    "renew", [entry.prefix + "lease", entry.prefix + "gone:" + entry.token],
-                    [entry.token, int(self.lease * 1000)],
-                )  # fmt: skip
-            except _Trouble as e:
-                log.debug("mpflight group %r: a lease renewal failed: %s", self.name, e)
+                pipe = self.client().pipeline(transaction=False)
+                for entry in batch:
+                    keys = [entry.prefix + "lease", entry.prefix + "gone:" + entry.token]
+                    self._scripts["renew"](keys=keys, args=[entry.token, int(self.lease * 1000)], client=pipe)
+                kept = pipe.execute(raise_on_error=False)
+            except self._errors as e:
+                log.debug("mpflight group %r: lease renewals failed: %s", self.name, e)
                 continue
-            if kept != 1:
-                self.let_go(entry)  # expired or taken: its publish will be fenced
+            for entry, answer in zip(batch, kept, strict=False):
+                if answer == 0:
+                    self.let_go(entry)  # expired or taken: its publish will be fenced
         with self._lock:
             return min((e.renew_at for e in self._owned.values()), default=now + self.renew_every)
 
@@ -411,6 +437,171 @@ def _renew_loop(ref: weakref.ref[RedisTier]) -> None:
         del tier  # holding no reference while it sleeps: the tier may go
         wake.wait(max(then - time.monotonic(), 0.001))
         wake.clear()
+
+
+class _Wait:
+    """One waiter's registration with the reader: set when its stream has an entry or the read failed."""
+
+    __slots__ = ("entry", "error", "event", "expired", "leases", "token", "ttl")
+
+    def __init__(self, leases: list[str], token: str, ttl: float) -> None:
+        self.event = threading.Event()
+        self.entry: dict[bytes, bytes] | None = None
+        self.error: _Trouble | None = None
+        self.expired = False  # the owner's lease went with no outcome
+        self.leases, self.token, self.ttl = leases, token, ttl  # ttl: when the lease would expire
+
+
+class _Reader:
+    """This process's one blocking read of every outcome stream it waits on (a standalone Redis).
+
+    A waiter registers its stream and sleeps on an event. The reader's XREAD covers every registered
+    stream from its start, and a control stream of its own: a registration that the read in progress
+    does not cover adds an entry there, which ends that read so that the next one takes it in. So a
+    process holds one connection for its waits, however many keys it waits on.
+    """
+
+    def __init__(self, tier: RedisTier) -> None:
+        self.tier = tier
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.waits: dict[str, list[_Wait]] = {}
+        self.reading: set[str] = set()  # the streams the read in progress covers
+        self.poked = False  # a registration has ended the read in progress (its next one covers it)
+        self.control = f"{tier.prefix}{{reader-{secrets.token_hex(8)}}}:control"
+        self.control_id = b"0-0"
+        self.thread: threading.Thread | None = None
+
+    def register(self, stream: str, leases: list[str], token: str, ttl: float) -> _Wait:
+        """Have ``stream``'s first entry read for the caller, and the owner's lease watched from its
+        expiry (``ttl``, monotonic) on; the caller waits on the registration's event (and ends it
+        with ``unregister``). _Trouble."""
+        w = _Wait(leases, token, ttl)
+        with self.lock:
+            self.waits.setdefault(stream, []).append(w)
+            started = self.thread is None or not self.thread.is_alive()
+            if started:
+                self.thread = threading.Thread(
+                    target=self._loop, daemon=True, name=f"mpflight-read-{self.tier.name}"
+                )
+                self.thread.start()
+            # One poke ends a read: those who register while one is under way are in the next read.
+            poke = not started and stream not in self.reading and not self.poked
+            self.poked = self.poked or poke
+            self.arrived.notify()
+        if poke:
+            try:
+                self._poke()
+            except _Trouble:
+                self.unregister(stream, w)
+                raise
+        return w
+
+    def unregister(self, stream: str, w: _Wait) -> None:
+        with self.lock:
+            waits = self.waits.get(stream)
+            if waits is not None and w in waits:
+                waits.remove(w)
+                if not waits:
+                    del self.waits[stream]
+
+    def _poke(self) -> None:
+        tier = self.tier
+        try:
+            pipe = tier.client().pipeline(transaction=False)
+            pipe.xadd(self.control, {"n": "1"}, maxlen=16, approximate=True)
+            pipe.pexpire(self.control, int(OUTCOME_TTL * 1000))
+            pipe.execute()
+        except tier._errors as e:
+            raise _Trouble(f"{type(e).__name__}: {e}") from e
+
+    def _loop(self) -> None:
+        tier, conn, pool = self.tier, None, None
+        failures: tuple[type[BaseException], ...] = (*tier._errors, _Trouble)
+        try:
+            while True:
+                with self.lock:
+                    while not self.waits:
+                        self.reading = set()
+                        if not self.arrived.wait(READER_IDLE) and not self.waits:
+                            return  # idle: the next wait starts a reader again
+                    streams = list(self.waits)
+                    self.reading, self.poked = set(streams), False
+                try:
+                    if conn is None:
+                        pool = tier.client().connection_pool
+                        conn = pool.get_connection()
+                    ids = [self.control_id, *[b"0-0"] * len(streams)]
+                    block = max(int(min(MAX_BLOCK, self._next_expiry() - time.monotonic()) * 1000), 1)
+                    conn.send_command(
+                        "XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", self.control, *streams, *ids
+                    )
+                    found = _stream_entries(conn.read_response(timeout=MAX_BLOCK + READ_MARGIN))
+                except failures as e:
+                    if conn is not None and pool is not None:
+                        conn.disconnect()
+                        pool.release(conn)
+                    conn = None
+                    trouble = e if isinstance(e, _Trouble) else _Trouble(f"{type(e).__name__}: {e}")
+                    self._deliver(streams, None, trouble)
+                    continue
+                for name, entry_id, fields in found:
+                    if name == self.control.encode():
+                        self.control_id = entry_id
+                    else:
+                        self._deliver([name.decode()], fields, None)
+                self._check_leases()
+        finally:
+            with self.lock:
+                self.thread, self.reading = None, set()
+            if conn is not None and pool is not None:
+                pool.release(conn)
+
+    def _deliver(
+        self,
+        streams: list[str],
+        fields: dict[bytes, bytes] | None,
+        error: _Trouble | None,
+        expired: bool = False,
+    ) -> None:
+        with self.lock:
+            for stream in streams:
+                for w in self.waits.pop(stream, []):
+                    w.entry, w.error, w.expired = fields, error, expired
+                    w.event.set()
+
+    def _next_expiry(self) -> float:
+        with self.lock:
+            ttls = [ws[0].ttl for ws in self.waits.values() if ws]
+        return min(ttls, default=math.inf) + LEASE_GRACE
+
+    def _check_leases(self) -> None:
+        """Ask Redis about the leases whose expiry has come (LIVE), in batches of one round trip:
+        a renewed one is watched on, a gone one ends its waits (an abort, unless the outcome came)."""
+        now = time.monotonic()
+        with self.lock:
+            due = [(stream, ws[0]) for stream, ws in self.waits.items() if ws and ws[0].ttl <= now]
+        tier = self.tier
+        for start in range(0, len(due), RENEW_BATCH):
+            batch = due[start : start + RENEW_BATCH]
+            try:
+                pipe = tier.client().pipeline(transaction=False)
+                for _, w in batch:
+                    tier._scripts["live"](keys=w.leases, args=[w.token], client=pipe)
+                answers = pipe.execute(raise_on_error=False)
+            except tier._errors as e:
+                self._deliver([stream for stream, _ in batch], None, _Trouble(f"{type(e).__name__}: {e}"))
+                continue
+            for (stream, _), left in zip(batch, answers, strict=False):
+                if left == -2:
+                    self._deliver([stream], None, None, expired=True)
+                elif type(left) is int:
+                    ttl = time.monotonic() + (left if left >= 0 else tier.lease * 1000) / 1000
+                    with self.lock:
+                        for w in self.waits.get(stream, []):
+                            w.ttl = ttl
+                else:
+                    self._deliver([stream], None, _Trouble(f"LIVE replied {left!r}"))
 
 
 class RedisEntry:
@@ -516,36 +707,67 @@ class RedisEntry:
         tier = self.tier
         stream = self.prefix + "out:" + self.token
         began = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if self.deadline is not None and now >= self.deadline:
-                raise TimeoutError(
-                    f"gave up waiting {tier.opts.timeout} s for key {key!r} (owner on host {self.owner_host})"
-                )
-            if detached is not None and detached():
-                raise Detached
-            until = min(self.ttl + LEASE_GRACE, now + MAX_BLOCK)
-            if self.deadline is not None:
-                until = min(until, self.deadline)
+        reader = registered = None
+        try:
             try:
-                entry = self._read(stream, max(until - now, 0.001))
-                if entry is None and time.monotonic() >= self.ttl:
+                reader = tier.reader  # one read for every wait of this process; None in a Cluster
+                if reader is not None:
                     leases = [self.prefix + "lease", self.prefix + "gone:" + self.token]
-                    left = tier.run("live", leases, [self.token])
-                    if type(left) is not int:
-                        raise _Trouble("LIVE replied with no integer")
-                    if left == -2:
-                        entry = self._read(stream, 0)  # published as the lease went: it is there
-                        if entry is None:
-                            why = f"the owner's lease on host {self.owner_host} expired"
-                            raise AbortError(key, self.owner_pid, why)
-                    else:  # renewed (-1: it has no expiry, which only a hand-made key has)
-                        self.ttl = time.monotonic() + (left if left >= 0 else tier.lease * 1000) / 1000
+                    registered = reader.register(stream, leases, self.token, self.ttl)
+                while True:
+                    entry = self._next(key, stream, registered, detached)
+                    if entry is not None:
+                        return self._outcome(key, entry, time.monotonic() - began)
             except _Trouble as e:
                 tier.trouble("wait", e)
                 raise RunHere from e
-            if entry is not None:
-                return self._outcome(key, entry, time.monotonic() - began)
+        finally:
+            if reader is not None and registered is not None:
+                reader.unregister(stream, registered)
+
+    def _next(
+        self, key: str | bytes, stream: str, registered: _Wait | None, detached: Callable[[], bool] | None
+    ) -> dict[bytes, bytes] | None:
+        """One step of a wait: the outcome's entry if it came, else None (the lease still holds)."""
+        tier = self.tier
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            raise TimeoutError(
+                f"gave up waiting {tier.opts.timeout} s for key {key!r} (owner on host {self.owner_host})"
+            )
+        if detached is not None and detached():
+            raise Detached
+        if registered is not None:  # the reader reads and watches the lease: wake for the caller only
+            until = now + MAX_BLOCK if detached is not None else math.inf
+            if self.deadline is not None:
+                until = min(until, self.deadline)
+            registered.event.wait(None if until == math.inf else max(until - now, 0.001))
+            if registered.error is not None:
+                raise registered.error
+            if not registered.expired:
+                return registered.entry
+            entry = self._read(stream, 0)  # published as the lease went: it is there
+            if entry is None:
+                why = f"the owner's lease on host {self.owner_host} expired"
+                raise AbortError(key, self.owner_pid, why)
+            return entry
+        until = min(self.ttl + LEASE_GRACE, now + MAX_BLOCK)
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        entry = self._read(stream, max(until - now, 0.001))  # a Cluster: each wait reads its own stream
+        if entry is not None or time.monotonic() < self.ttl:
+            return entry
+        leases = [self.prefix + "lease", self.prefix + "gone:" + self.token]
+        left = tier.run("live", leases, [self.token])
+        if type(left) is not int:
+            raise _Trouble("LIVE replied with no integer")
+        if left == -2:
+            entry = self._read(stream, 0)  # published as the lease went: it is there
+            if entry is None:
+                raise AbortError(key, self.owner_pid, f"the owner's lease on host {self.owner_host} expired")
+            return entry
+        self.ttl = time.monotonic() + (left if left >= 0 else tier.lease * 1000) / 1000  # renewed
+        return None
 
     def _read(self, stream: str, block: float) -> dict[bytes, bytes] | None:
         """One read of the call's stream from its start: blocking up to ``block`` s (0: not at all)."""
@@ -658,6 +880,26 @@ def _entered(reply: object) -> tuple[int, tuple[str, int, str, int, int]]:
     return role, (token, fence_no, _text(reply[3], "host"), pid, max(ttl, 0))
 
 
+def _stream_entries(reply: object) -> list[tuple[bytes, bytes, dict[bytes, bytes]]]:
+    """An XREAD reply as (stream, entry id, fields) of each stream's first entry; [] for none."""
+    if reply is None or reply == []:
+        return []
+    found = []
+    try:
+        streams: Any = list(reply.items()) if isinstance(reply, dict) else reply  # RESP3, RESP2
+        for name, entries in streams:
+            entry_id, flat = entries[0]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            if type(name) is not bytes or type(entry_id) is not bytes:
+                raise TypeError("a stream's name or an entry's id is not a string")
+            if not all(type(k) is bytes and type(v) is bytes for k, v in fields.items()):
+                raise TypeError("an entry's fields are not strings")
+            found.append((name, entry_id, fields))
+    except (TypeError, ValueError, IndexError) as e:
+        raise _Trouble(f"XREAD replied something else than stream entries: {e}") from e
+    return found
+
+
 def _stream_entry(reply: object) -> dict[bytes, bytes] | None:
     """The first entry of an XREAD reply as its fields, or None when there is none."""
     if reply is None or reply == []:
@@ -676,7 +918,7 @@ def _stream_entry(reply: object) -> dict[bytes, bytes] | None:
 
 def _after_fork_in_child() -> None:
     for tier in list(_tiers):
-        tier._owned, tier._ended, tier._renewer = {}, {}, None
+        tier._owned, tier._ended, tier._renewer, tier._reader = {}, {}, None, None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -706,7 +706,7 @@ def test_a_failover_mid_flight_gives_no_wrong_value_and_no_hang(name: str) -> No
     """Callers of two keys on two hosts; the primary hands over to its replica (FAILOVER) while the
     owners run. Whatever each caller gets (the value, a fallback run of its own, an AbortError), it is
     its own key's, and it comes within its timeout."""
-    primary = RedisServer()
+    primary = RedisServer("--repl-diskless-sync-delay", "0")
     replica = RedisServer("--replicaof", "127.0.0.1", str(primary.port))
     timeout = 10.0
     release = threading.Event()
@@ -855,3 +855,49 @@ def test_chaos_kills_on_three_hosts_and_a_redis_restart_give_no_wrong_value(
                 proc.wait()
         for h in ("h0", "h1", "h2"):
             mpflight.unlink(f"{name}+{h}")
+
+
+# -- many keys, one connection -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)  # the recorded run of 10,000 keys takes minutes; a hang catch
+def test_many_keys_in_flight_share_one_blocking_read(server: RedisServer, name: str) -> None:
+    """A process waiting on many keys of other hosts holds a bounded number of connections (its waits
+    share one blocking read), and each wait gets its own key's value. MPFLIGHT_MANY_KEYS=10000 is the
+    recorded run; the test command's is smaller."""
+    n = int(os.environ.get("MPFLIGHT_MANY_KEYS", "300"))
+    owner, waiter = _tier(server, name, "a"), _tier(server, name, "b")
+    clients = _client(server)
+    got: list[object] = [None] * n
+    threads: list[threading.Thread] = []
+    previous = threading.stack_size(256 * 1024)  # many threads, each only waiting
+    try:
+        owners = [owner.caller(None) for _ in range(n)]
+        assert all(o.enter(f"k{i}", i, True) == OWN for i, o in enumerate(owners))
+        before = len(clients.client_list())
+        deadline = time.monotonic() + 120
+        entries = [waiter.caller(deadline) for _ in range(n)]
+        assert all(w.enter(f"k{i}", i, True) == JOIN for i, w in enumerate(entries))
+
+        def wait(i: int) -> None:
+            got[i] = entries[i].wait(f"k{i}").value
+
+        threads = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        reader = waiter.reader
+        assert reader is not None
+        wait_until(lambda: len(reader.waits) == n, f"{n} waits registered", 120)
+        during = len(clients.client_list())
+        for i, o in enumerate(owners):
+            o.finish(f"v{i}", None)
+        for t in threads:
+            t.join(120)
+        assert got == [f"v{i}" for i in range(n)]
+        # The reader's connection, and the pool's for short commands that overlap (pokes, the last
+        # entering): a handful, not one per key.
+        assert during - before <= 8 < n, (before, during)
+    finally:
+        threading.stack_size(previous)
+        owner.close(), waiter.close()
+        _flush(server, name)
