@@ -88,6 +88,7 @@ if not t then
 end
 local f, h, p, k = unpack(redis.call('HMGET', KEYS[1], 'f', 'h', 'p', 'k'))
 if k ~= ARGV[6] then return {3} end
+if t == ARGV[1] then return {1, t, f, h, p, redis.call('PTTL', KEYS[1])} end  -- this very ENTER, again
 redis.call('HSET', KEYS[1], 'w:' .. ARGV[1], 1)
 return {2, t, f, h, p, redis.call('PTTL', KEYS[1])}
 """
@@ -290,12 +291,17 @@ class RedisTier:
         """Warn once when Redis may evict a lease to make room (an allkeys-* policy)."""
         self._checked_policy = True
         try:
-            policy = client.config_get("maxmemory-policy").get(b"maxmemory-policy", b"")
+            reply = client.config_get("maxmemory-policy")
         except self._errors:
             return  # CONFIG may be refused to this user: nothing to say
-        if isinstance(policy, bytes) and policy.startswith(b"allkeys-"):
+        policy = (
+            reply.get("maxmemory-policy", reply.get(b"maxmemory-policy")) if isinstance(reply, dict) else None
+        )
+        if isinstance(policy, bytes):
+            policy = policy.decode("utf-8", "replace")
+        if isinstance(policy, str) and policy.startswith("allkeys-"):
             log.warning("mpflight group %r: Redis's maxmemory-policy is %s, which can evict a call's "
-                        "lease: its waiters then get AbortError", self.name, policy.decode())  # fmt: skip
+                        "lease: its waiters then get AbortError", self.name, policy)  # fmt: skip
 
     def trouble(self, what: str, error: BaseException) -> None:
         """Redis could not serve a step: raise (fail="closed") or note the fallback (fail="open")."""

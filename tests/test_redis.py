@@ -5,6 +5,9 @@ the value, fn's error, an AbortError, or a fallback to coalescing on the host al
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
+import io
 import json
 import logging
 import os
@@ -900,4 +903,83 @@ def test_many_keys_in_flight_share_one_blocking_read(server: RedisServer, name: 
     finally:
         threading.stack_size(previous)
         owner.close(), waiter.close()
+        _flush(server, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+def test_values_cross_hosts_type_faithful_through_the_groups_codec(server: RedisServer, name: str) -> None:
+    codec = mpflight.Codec()
+    codec.register(Point, 1, lambda p: [p.x, p.y], lambda v: Point(*v))
+    release = threading.Event()
+    value = {"p": Point(1, 2), "when": datetime.date(2026, 12, 2), "t": (1, 2), "s": {3}}
+    a = mpflight.Group(name, redis=server.url, host_id="a", timeout=DEADLINE, codec=codec)
+    b = mpflight.Group(name, redis=server.url, host_id="b", timeout=DEADLINE, codec=codec)
+    try:
+        got: dict[str, object] = {}
+        owner = threading.Thread(
+            target=lambda: got.update(a=a.do("k", lambda: release.wait(DEADLINE) and value))
+        )
+        owner.start()
+        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
+        waiter = threading.Thread(target=lambda: got.update(b=b.do("k", lambda: "b ran")))
+        waiter.start()
+        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
+        release.set()
+        owner.join(DEADLINE), waiter.join(DEADLINE)
+        assert got["b"] == value and type(got["b"]["p"]) is Point  # type: ignore[index]
+    finally:
+        release.set()
+        a.close(), b.close()
+        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
+        _flush(server, name)
+
+
+def test_an_eviction_policy_that_can_drop_leases_is_warned_about_once(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = RedisServer("--maxmemory-policy", "allkeys-lru")
+    try:
+        with caplog.at_level(logging.WARNING, logger="mpflight"), mpflight.Group(name, redis=s.url) as g:
+            assert [g.do(f"k{i}", lambda: 1) for i in range(3)] == [1, 1, 1]
+        assert sum("allkeys-lru" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        _flush(s, name)
+        _stop(s)
+
+
+def test_inspect_shows_each_calls_part_in_the_tier(server: RedisServer, name: str) -> None:
+    from mpflight import _cli
+
+    release = threading.Event()
+    a = mpflight.Group(name, redis=server.url, host_id="a", timeout=DEADLINE)
+    b = mpflight.Group(name, redis=server.url, host_id="b", timeout=DEADLINE)
+    try:
+        owner = threading.Thread(target=lambda: a.do("k", lambda: release.wait(DEADLINE)))
+        owner.start()
+        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
+        waiter = threading.Thread(target=lambda: b.do("k", lambda: "b ran"))
+        waiter.start()
+        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
+        seen = {}
+        for host in ("a", "b"):
+            out = io.StringIO()
+            args = _cli.parser().parse_args(["inspect", f"{name}+{host}", "--json"])
+            assert _cli.COMMANDS["inspect"](args, out) == 0
+            (call,) = json.loads(out.getvalue())
+            seen[host] = (call["tier"]["role"], call["tier"]["owner_host"])
+        assert seen == {"a": ("owner", "a"), "b": ("waiter", "a")}
+        text = io.StringIO()
+        _cli.COMMANDS["inspect"](_cli.parser().parse_args(["inspect", f"{name}+b"]), text)
+        assert "waits on a" in text.getvalue()
+        release.set()
+        owner.join(DEADLINE), waiter.join(DEADLINE)
+    finally:
+        release.set()
+        a.close(), b.close()
+        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
         _flush(server, name)
