@@ -192,6 +192,7 @@ class RedisTier:
         self._errors: tuple[type[BaseException], ...] = (
             redis.RedisError, redis.exceptions.RedisClusterException, OSError,
         )  # fmt: skip
+        self._failures: tuple[type[BaseException], ...] = (*self._errors, _Trouble)  # ours too
         self.name = opts.name
         self.opts = opts
         self.host = host
@@ -212,6 +213,7 @@ class RedisTier:
         self._owned: dict[str, RedisEntry] = {}  # token -> entry: the leases this process renews
         self._ended: dict[str, bool] = {}  # tokens whose end this process published, oldest first
         self._reader: _Reader | None = None
+        self.closed = False
         self._reader_pid = 0
         self._renewer: threading.Thread | None = None
         self._wake = threading.Event()
@@ -235,6 +237,8 @@ class RedisTier:
         process that gave it (its connections are not the child's to use)."""
         if self._client is not None and self._pid == os.getpid():
             return self._client
+        if self.closed:
+            raise _Trouble(f"the handle of group {self.name!r} was closed")
         with self._lock:
             if self._pid != os.getpid():
                 if self._given is not None:
@@ -254,9 +258,12 @@ class RedisTier:
             return self._client
 
     def close(self) -> None:
-        """Close this process's client, when the tier made it (a given client is its owner's)."""
+        """Close this process's client, when the tier made it (a given client is its owner's); its
+        threads end."""
         with self._lock:
+            self.closed = True
             client, self._client = self._client, None
+        self._wake.set()
         if client is not None and self._given is None and self._pid == os.getpid():
             client.close()
 
@@ -414,12 +421,12 @@ class RedisTier:
         for start in range(0, len(due), RENEW_BATCH):  # one round trip per batch, not per lease
             batch = due[start : start + RENEW_BATCH]
             try:
-                pipe = self.client().pipeline(transaction=False)
+                pipe = self.client().pipeline(transaction=False)  # _Trouble once closed
                 for entry in batch:
                     keys = [entry.prefix + "lease", entry.prefix + "gone:" + entry.token]
                     self._scripts["renew"](keys=keys, args=[entry.token, int(self.lease * 1000)], client=pipe)
                 kept = pipe.execute(raise_on_error=False)
-            except self._errors as e:
+            except self._failures as e:
                 log.debug("mpflight group %r: lease renewals failed: %s", self.name, e)
                 continue
             for entry, answer in zip(batch, kept, strict=False):
@@ -437,7 +444,7 @@ def _renew_loop(ref: weakref.ref[RedisTier]) -> None:
     time; ends with the tier."""
     while True:
         tier = ref()
-        if tier is None:
+        if tier is None or tier.closed:
             return
         wake, then = tier._wake, tier.renew_due()
         del tier  # holding no reference while it sleeps: the tier may go
@@ -523,7 +530,7 @@ class _Reader:
 
     def _loop(self) -> None:
         tier, conn, pool = self.tier, None, None
-        failures: tuple[type[BaseException], ...] = (*tier._errors, _Trouble)
+        failures = tier._failures
         try:
             while True:
                 with self.lock:
@@ -595,7 +602,7 @@ class _Reader:
                 for _, w in batch:
                     tier._scripts["live"](keys=w.leases, args=[w.token], client=pipe)
                 answers = pipe.execute(raise_on_error=False)
-            except tier._errors as e:
+            except tier._failures as e:
                 self._deliver([stream for stream, _ in batch], None, _Trouble(f"{type(e).__name__}: {e}"))
                 continue
             for (stream, _), left in zip(batch, answers, strict=False):
@@ -706,7 +713,7 @@ class RedisEntry:
             log.warning("mpflight group %r: the lease of key %r was lost before fn returned (a pause past "
                         "the lease?): its outcome was not published", tier.name, self.key)  # fmt: skip
             return False
-        return joins > 0
+        return joins > 0 and kind == _PAYLOAD  # the waiters of a not-shared outcome run fn themselves
 
     def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
         """JOIN: the remote owner's outcome; AbortError when its lease expires first."""

@@ -5,6 +5,7 @@ the value, fn's error, an AbortError, or a fallback to coalescing on the host al
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -196,6 +197,48 @@ def _flush(server: RedisServer | RedisClusterServers, name: str) -> None:
     c = _client(server)
     for key in c.scan_iter(f"mpf:{name}:*"):
         c.delete(key)
+
+
+@contextlib.contextmanager
+def _in_process_hosts(
+    server: RedisServer, name: str, hosts: str, url: str | None = None, **options: Any
+) -> Iterator[dict[str, mpflight.Group]]:
+    """One handle per simulated host (a letter of ``hosts`` each), in this process; all cleaned up."""
+    options = {"timeout": DEADLINE, **options}
+    groups = {h: mpflight.Group(name, redis=url or server.url, host_id=h, **options) for h in hosts}
+    try:
+        yield groups
+    finally:
+        for h, g in groups.items():
+            g.close()
+            mpflight.unlink(f"{name}+{h}")
+        _flush(server, name)
+
+
+class _Held:
+    """A call of ``key`` owned on one host, whose fn waits for ``end``, and joined from another host:
+    each caller in a thread of its own; ``end`` returns what each one's do_ex returned."""
+
+    def __init__(self, server: RedisServer, name: str, owner: mpflight.Group, owner_fn: Callable[[], Any],
+                 waiter: mpflight.Group, waiter_fn: Callable[[], Any], key: str = "k") -> None:  # fmt: skip
+        self.release = threading.Event()
+        self.got: dict[str, object] = {}
+        self.threads: list[threading.Thread] = []
+        self._start("owner", owner, key, lambda: self.release.wait(DEADLINE) and owner_fn())
+        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
+        self._start("waiter", waiter, key, waiter_fn)
+        wait_until(lambda: _remote_waiters(server, name) == 1, "the waiter's host in Redis")
+
+    def _start(self, who: str, group: mpflight.Group, key: str, fn: Callable[[], Any]) -> None:
+        thread = threading.Thread(target=lambda: self.got.update({who: group.do_ex(key, fn)}))
+        thread.start()
+        self.threads.append(thread)
+
+    def end(self) -> dict[str, object]:
+        self.release.set()
+        for thread in self.threads:
+            thread.join(DEADLINE)
+        return self.got
 
 
 # -- one execution per key, fleet-wide ----------------------------------------------------------------
@@ -436,31 +479,12 @@ def test_waiters_of_every_kind_on_another_host_share_the_outcome(server: RedisSe
 
 
 def test_forget_lets_the_next_caller_on_any_host_start_anew(server: RedisServer, name: str) -> None:
-    release = threading.Event()
-    a = mpflight.Group(name, redis=server.url, host_id="a", timeout=DEADLINE)
-    b = mpflight.Group(name, redis=server.url, host_id="b", timeout=DEADLINE)
-    c = mpflight.Group(name, redis=server.url, host_id="c", timeout=DEADLINE)
-    try:
-        results: dict[str, object] = {}
-        owner = threading.Thread(
-            target=lambda: results.update(a=a.do("k", lambda: release.wait(DEADLINE) and "old"))
-        )
-        owner.start()
-        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
-        joined = threading.Thread(target=lambda: results.update(c=c.do("k", lambda: "c ran")))
-        joined.start()
-        wait_until(lambda: _remote_waiters(server, name) == 1, "host c in Redis")
-        b.forget("k")
-        assert b.do("k", lambda: "new") == "new"  # not joined to the forgotten call
-        release.set()
-        owner.join(DEADLINE), joined.join(DEADLINE)
-        assert results == {"a": "old", "c": "old"}  # who joined before forget keeps the old call
-    finally:
-        release.set()
-        for g, h in ((a, "a"), (b, "b"), (c, "c")):
-            g.close()
-            mpflight.unlink(f"{name}+{h}")
-        _flush(server, name)
+    with _in_process_hosts(server, name, "abc") as g:
+        held = _Held(server, name, g["a"], lambda: "old", g["c"], lambda: "c ran")
+        g["b"].forget("k")
+        assert g["b"].do("k", lambda: "new") == "new"  # not joined to the forgotten call
+        # who joined before forget keeps the old call
+        assert held.end() == {"owner": mpflight.Result("old", True), "waiter": mpflight.Result("old", True)}
 
 
 # -- Redis trouble, large outcomes, bad data ------------------------------------------------------------------
@@ -470,36 +494,23 @@ def test_forget_lets_the_next_caller_on_any_host_start_anew(server: RedisServer,
 def test_callers_fall_back_to_their_host_when_redis_is_gone(
     own_server: RedisServer, name: str, trouble: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    release = threading.Event()
-    a = mpflight.Group(name, redis=own_server.url, host_id="a", timeout=20, redis_timeout=0.5)
-    b = mpflight.Group(name, redis=own_server.url, host_id="b", timeout=20, redis_timeout=0.5)
-    try:
-        got: dict[str, object] = {}
-        owner = threading.Thread(
-            target=lambda: got.update(a=a.do("k", lambda: release.wait(DEADLINE) and "a"))
-        )
-        owner.start()
-        wait_until(lambda: len(_leases(own_server, name)) == 1, "the owner's lease")
-        waiter = threading.Thread(target=lambda: got.update(b=b.do("k", lambda: "b ran itself")))
-        waiter.start()
-        wait_until(lambda: _remote_waiters(own_server, name) == 1, "host b in Redis")
-        with caplog.at_level(logging.WARNING, logger="mpflight"):
-            own_server.pause() if trouble == "paused" else own_server.kill()
-            waiter.join(DEADLINE)  # the waiter's read fails: it runs fn for its host
-            assert got == {"b": "b ran itself"}
-            assert b.do("k2", lambda: "alone") == "alone"  # a new call: coalesced on the host alone
-            release.set()
-            owner.join(DEADLINE)
-        assert got["a"] == "a"
-        assert b.stats()["remote_fallbacks"] >= 2
-        assert (
-            sum("Redis unavailable" in r.getMessage() for r in caplog.records if "'" in r.getMessage()) <= 2
-        )
-    finally:
-        release.set()
-        own_server.resume() if trouble == "paused" else None
-        a.close(), b.close()
-        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
+    with _in_process_hosts(own_server, name, "ab", timeout=20, redis_timeout=0.5) as g:
+        held = _Held(own_server, name, g["a"], lambda: "a", g["b"], lambda: "b ran itself")
+        try:
+            with caplog.at_level(logging.WARNING, logger="mpflight"):
+                own_server.pause() if trouble == "paused" else own_server.kill()
+                held.threads[1].join(DEADLINE)  # the waiter's read fails: it runs fn for its host
+                assert held.got == {"waiter": mpflight.Result("b ran itself", False)}
+                assert g["b"].do("k2", lambda: "alone") == "alone"  # a new call: coalesced on the host alone
+                assert held.end()["owner"] == mpflight.Result("a", False)
+            assert g["b"].stats()["remote_fallbacks"] >= 2
+            episodes = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+            assert 1 <= len(episodes) <= 2  # once per episode and handle, not once per step
+        finally:
+            if trouble == "paused":
+                own_server.resume()
+            else:
+                own_server.start()  # for the cleanup
 
 
 def test_fail_closed_raises_when_redis_is_gone(own_server: RedisServer, name: str) -> None:
@@ -510,36 +521,19 @@ def test_fail_closed_raises_when_redis_is_gone(own_server: RedisServer, name: st
 
 
 def test_an_outcome_larger_than_max_remote_bytes_is_not_shared(server: RedisServer, name: str) -> None:
-    release = threading.Event()
     big = b"x" * (20 * 1024 * 1024)
-    a = mpflight.Group(name, redis=server.url, host_id="a", timeout=DEADLINE)
-    b = mpflight.Group(name, redis=server.url, host_id="b", timeout=DEADLINE)
     runs: list[str] = []
 
     def fn(who: str) -> bytes:
         runs.append(who)
-        if who == "a":
-            release.wait(DEADLINE)
         return big
 
-    try:
-        got: dict[str, bytes] = {}
-        owner = threading.Thread(target=lambda: got.update(a=a.do("k", fn, "a")))
-        owner.start()
-        wait_until(lambda: runs == ["a"], "the owner's fn")
-        waiter = threading.Thread(target=lambda: got.update(b=b.do("k", fn, "b")))
-        waiter.start()
-        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
-        release.set()
-        owner.join(DEADLINE), waiter.join(DEADLINE)
-        assert got == {"a": big, "b": big}
+    with _in_process_hosts(server, name, "ab") as g:
+        held = _Held(server, name, g["a"], lambda: fn("a"), g["b"], lambda: fn("b"))
+        got = held.end()
+        assert got == {"owner": mpflight.Result(big, False), "waiter": mpflight.Result(big, False)}
         assert runs == ["a", "b"]  # host b ran fn itself, never truncated
-        assert a.stats()["remote_not_shared"] == 1
-    finally:
-        release.set()
-        a.close(), b.close()
-        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
-        _flush(server, name)
+        assert g["a"].stats()["remote_not_shared"] == 1
 
 
 def test_garbage_in_a_calls_keys_gives_a_fallback_not_a_crash(
@@ -664,26 +658,9 @@ def test_rediss_with_an_acl_user_limited_to_the_prefix_works(
 ) -> None:
     server, port, ca = tls_server
     url = f"rediss://app:secret-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
-    release = threading.Event()
-    a = mpflight.Group(name, redis=url, host_id="a", timeout=DEADLINE, fail="closed")
-    b = mpflight.Group(name, redis=url, host_id="b", timeout=DEADLINE, fail="closed")
-    try:
-        got: dict[str, object] = {}
-        owner = threading.Thread(
-            target=lambda: got.update(a=a.do("k", lambda: release.wait(DEADLINE) and "a"))
-        )
-        owner.start()
-        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
-        waiter = threading.Thread(target=lambda: got.update(b=b.do_ex("k", lambda: "b ran")))
-        waiter.start()
-        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis, over TLS")
-        release.set()
-        owner.join(DEADLINE), waiter.join(DEADLINE)
-        assert got == {"a": "a", "b": mpflight.Result("a", True)}
-    finally:
-        release.set()
-        a.close(), b.close()
-        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
+    with _in_process_hosts(server, name, "ab", url=url, fail="closed") as g:
+        held = _Held(server, name, g["a"], lambda: "a", g["b"], lambda: "b ran")
+        assert held.end() == {"owner": mpflight.Result("a", True), "waiter": mpflight.Result("a", True)}
 
 
 @pytest.mark.parametrize("fail", ["open", "closed"])
@@ -915,28 +892,11 @@ class Point:
 def test_values_cross_hosts_type_faithful_through_the_groups_codec(server: RedisServer, name: str) -> None:
     codec = mpflight.Codec()
     codec.register(Point, 1, lambda p: [p.x, p.y], lambda v: Point(*v))
-    release = threading.Event()
     value = {"p": Point(1, 2), "when": datetime.date(2026, 12, 2), "t": (1, 2), "s": {3}}
-    a = mpflight.Group(name, redis=server.url, host_id="a", timeout=DEADLINE, codec=codec)
-    b = mpflight.Group(name, redis=server.url, host_id="b", timeout=DEADLINE, codec=codec)
-    try:
-        got: dict[str, object] = {}
-        owner = threading.Thread(
-            target=lambda: got.update(a=a.do("k", lambda: release.wait(DEADLINE) and value))
-        )
-        owner.start()
-        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
-        waiter = threading.Thread(target=lambda: got.update(b=b.do("k", lambda: "b ran")))
-        waiter.start()
-        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
-        release.set()
-        owner.join(DEADLINE), waiter.join(DEADLINE)
-        assert got["b"] == value and type(got["b"]["p"]) is Point  # type: ignore[index]
-    finally:
-        release.set()
-        a.close(), b.close()
-        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
-        _flush(server, name)
+    with _in_process_hosts(server, name, "ab", codec=codec) as g:
+        got = _Held(server, name, g["a"], lambda: value, g["b"], lambda: "b ran").end()["waiter"]
+        assert got == mpflight.Result(value, True)
+        assert type(got.value["p"]) is Point  # type: ignore[attr-defined]
 
 
 def test_an_eviction_policy_that_can_drop_leases_is_warned_about_once(
@@ -955,16 +915,8 @@ def test_an_eviction_policy_that_can_drop_leases_is_warned_about_once(
 def test_inspect_shows_each_calls_part_in_the_tier(server: RedisServer, name: str) -> None:
     from mpflight import _cli
 
-    release = threading.Event()
-    a = mpflight.Group(name, redis=server.url, host_id="a", timeout=DEADLINE)
-    b = mpflight.Group(name, redis=server.url, host_id="b", timeout=DEADLINE)
-    try:
-        owner = threading.Thread(target=lambda: a.do("k", lambda: release.wait(DEADLINE)))
-        owner.start()
-        wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
-        waiter = threading.Thread(target=lambda: b.do("k", lambda: "b ran"))
-        waiter.start()
-        wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
+    with _in_process_hosts(server, name, "ab") as g:
+        held = _Held(server, name, g["a"], lambda: "a", g["b"], lambda: "b ran")
         seen = {}
         for host in ("a", "b"):
             out = io.StringIO()
@@ -976,10 +928,23 @@ def test_inspect_shows_each_calls_part_in_the_tier(server: RedisServer, name: st
         text = io.StringIO()
         _cli.COMMANDS["inspect"](_cli.parser().parse_args(["inspect", f"{name}+b"]), text)
         assert "waits on a" in text.getvalue()
+        held.end()
+
+
+def test_nothing_starts_before_the_first_call(server: RedisServer, name: str) -> None:
+    """gunicorn --preload forks after import: Group(redis=...) opens no connection and starts no thread."""
+    before = {t.name for t in threading.enumerate()}
+    clients = len(_client(server).client_list())
+    with mpflight.Group(name, redis=server.url, host_id="a") as g:
+        assert {t.name for t in threading.enumerate()} == before
+        assert len(_client(server).client_list()) == clients
+        release = threading.Event()
+        owner = threading.Thread(target=lambda: g.do("k", lambda: release.wait(DEADLINE)))
+        owner.start()
+        wait_until(
+            lambda: any(t.name.startswith("mpflight-renew") for t in threading.enumerate()), "the renewer"
+        )
         release.set()
-        owner.join(DEADLINE), waiter.join(DEADLINE)
-    finally:
-        release.set()
-        a.close(), b.close()
-        mpflight.unlink(f"{name}+a"), mpflight.unlink(f"{name}+b")
-        _flush(server, name)
+        owner.join(DEADLINE)
+    mpflight.unlink(f"{name}+a")
+    _flush(server, name)
