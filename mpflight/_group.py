@@ -27,7 +27,7 @@ from ._redis import (
     DEFAULT_LEASE,
     DEFAULT_MAX_REMOTE_BYTES,
     DEFAULT_REDIS_TIMEOUT,
-    RedisTier,
+    redis_tier,
 )
 from ._registry import HOUSEKEEPING_INTERVAL, Attachment, registry, seconds, table_name, validate_name
 from ._table import Table
@@ -53,6 +53,15 @@ class Group:
     ``Group(name)`` creates the table or attaches to it. The handle is safe to use from many threads;
     it is a context manager, and ``close()`` detaches it. ``tier`` puts a next tier behind the table
     (mpflight._tier.NextTier): the table's owner of a key then meets that tier's other callers.
+
+    ``redis`` (a redis://, rediss:// or unix:// URL, or a redis-py client made in this process) puts
+    the cross-host tier behind it (mpflight._redis): one execution per key for every host on that Redis.
+    Its options: ``host_id`` (default MPFLIGHT_HOST_ID, else none; the table is then ``name+host``, and
+    the host's name in Redis, else the hostname), ``namespace`` (a prefix of the keys in Redis),
+    ``lease`` (seconds, renewed every third of it), ``fail`` ("open": coalesce on this host alone while
+    Redis is in trouble; "closed": raise TierUnavailable), ``max_remote_bytes`` (larger outcomes are not
+    shared across hosts), ``fence_ttl`` (how long a key's fence counter lives), ``secret`` (signs the
+    outcomes, which readers check) and ``redis_timeout`` (seconds for a connection and a command).
     """
 
     def __init__(
@@ -109,7 +118,7 @@ class Group:
         if redis is not None:
             if tier is not None:
                 raise ValueError("redis= and tier= both put a tier behind the table: give one")
-            self._next = _redis_tier(
+            self._next = redis_tier(
                 redis, self._opts, host=host_id or socket.gethostname(), namespace=namespace, lease=lease,
                 fail=fail, max_remote_bytes=max_remote_bytes, fence_ttl=fence_ttl, secret=secret,
                 timeout=redis_timeout, count=self._count,
@@ -308,35 +317,6 @@ class Group:
         waiters still wait on (they would notice within their check interval).
         """
         return _housekeeping.reclaim(self._table())
-
-
-def _redis_tier(
-    redis: object, opts: Options, *, host: str, namespace: str, lease: float, fail: str,
-    max_remote_bytes: int, fence_ttl: float, secret: bytes | str | None, timeout: float,
-    count: Callable[[str], None],
-) -> NextTier:  # fmt: skip
-    """The cross-host tier of ``redis=``, its options checked (mpflight._redis imports redis-py)."""
-    if not isinstance(redis, str) and not callable(getattr(redis, "register_script", None)):
-        raise TypeError(f"redis must be a URL or a redis-py client, not {type(redis).__name__}")
-    if isinstance(redis, str) and not redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, not {redis!r}")
-    lease = seconds("lease", lease)
-    if fail not in ("open", "closed"):
-        raise ValueError(f'fail must be "open" or "closed", not {fail!r}')
-    if type(max_remote_bytes) is not int or not 0 <= max_remote_bytes <= MAX_RESULT_BYTES:
-        raise ValueError(f"max_remote_bytes must be an int from 0 to {MAX_RESULT_BYTES}")
-    if not isinstance(namespace, str) or any(c in namespace for c in "{}") or len(namespace) > 64:
-        raise ValueError(
-            f"namespace must be a string of at most 64 characters without braces, not {namespace!r}"
-        )
-    if secret is not None and not isinstance(secret, bytes | str):
-        raise TypeError(f"secret must be bytes or str, not {type(secret).__name__}")
-    return RedisTier(
-        redis, opts, host=host, namespace=namespace, lease=lease, renew=lease / 3, fail=fail,
-        max_remote_bytes=max_remote_bytes, fence_ttl=seconds("fence_ttl", fence_ttl),
-        secret=secret.encode() if isinstance(secret, str) else secret,
-        timeout=seconds("redis_timeout", timeout), count=count,
-    )  # fmt: skip
 
 
 def coalesce(

@@ -46,7 +46,8 @@ from typing import Any, Final
 from . import _codec, _faults, _protocol
 from ._errors import AbortError, CorruptPayload, MPFlightError, TierUnavailable
 from ._layout import TIER_CAP
-from ._protocol import ALONE, JOIN, OWN, Detached, Options, Result, key_identity
+from ._protocol import ALONE, JOIN, MAX_RESULT_BYTES, OWN, Detached, Options, Result, key_identity
+from ._registry import seconds
 from ._tier import RunHere
 
 log = logging.getLogger("mpflight")
@@ -434,6 +435,35 @@ class RedisTier:
                     self.let_go(entry)  # expired or taken: its publish will be fenced
         with self._lock:
             return min((e.renew_at for e in self._owned.values()), default=now + self.renew_every)
+
+
+def redis_tier(
+    redis: object, opts: Options, *, host: str, namespace: str, lease: float, fail: str,
+    max_remote_bytes: int, fence_ttl: float, secret: bytes | str | None, timeout: float,
+    count: Callable[[str], None],
+) -> RedisTier:  # fmt: skip
+    """The tier of ``Group(redis=...)``, its options checked: a URL or a redis-py client, and the rest."""
+    if not isinstance(redis, str) and not callable(getattr(redis, "register_script", None)):
+        raise TypeError(f"redis must be a URL or a redis-py client, not {type(redis).__name__}")
+    if isinstance(redis, str) and not redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, not {redis!r}")
+    lease = seconds("lease", lease)
+    if fail not in ("open", "closed"):
+        raise ValueError(f'fail must be "open" or "closed", not {fail!r}')
+    if type(max_remote_bytes) is not int or not 0 <= max_remote_bytes <= MAX_RESULT_BYTES:
+        raise ValueError(f"max_remote_bytes must be an int from 0 to {MAX_RESULT_BYTES}")
+    if not isinstance(namespace, str) or any(c in namespace for c in "{}") or len(namespace) > 64:
+        raise ValueError(
+            f"namespace must be a string of at most 64 characters without braces, not {namespace!r}"
+        )
+    if secret is not None and not isinstance(secret, bytes | str):
+        raise TypeError(f"secret must be bytes or str, not {type(secret).__name__}")
+    return RedisTier(
+        redis, opts, host=host, namespace=namespace, lease=lease, renew=lease / 3, fail=fail,
+        max_remote_bytes=max_remote_bytes, fence_ttl=seconds("fence_ttl", fence_ttl),
+        secret=secret.encode() if isinstance(secret, str) else secret,
+        timeout=seconds("redis_timeout", timeout), count=count,
+    )  # fmt: skip
 
 
 _tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
