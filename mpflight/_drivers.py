@@ -41,6 +41,7 @@ def call(
             try:
                 return c.wait(key)
             except RunHere:
+                c.rename(get_ident())  # fn runs in this thread: re-entry and cycles are seen here
                 return c.own(fn, args, kwargs)
         return fn(*args, **kwargs), False
 
@@ -120,6 +121,7 @@ def _wait_into(
         try:
             result: Result[T] = c.wait(key, future.cancelled)
         except RunHere:
+            c.rename(threading.get_ident())
             result = Result(*run())
     except Detached:
         c.recover()
@@ -236,6 +238,8 @@ async def _own_async(
 ) -> Result[Any]:
     """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
     try:
+        if inspect.iscoroutinefunction(fn) and hasattr(c, "wrap"):
+            fn = c.wrap(fn)  # as the next tier wants it run (a plain fn is wrapped by own)
         if not inspect.iscoroutinefunction(fn):
             adopted = functools.partial(contextvars.copy_context().run, _adopted, c, fn, args, kwargs)
             return Result(*await asyncio.get_running_loop().run_in_executor(None, adopted))

@@ -6,6 +6,7 @@ calling _drivers, tidying and reporting _housekeeping, this process's attachment
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from . import _codec, _drivers, _faults, _housekeeping, _owner, _protocol
 from ._coalesce import decorator
 from ._housekeeping import InflightCall, Reclaimed, Stats
 from ._layout import MAX_SLOTS, TIER_COUNTER_NAMES
-from ._locks import check_mode
+from ._locks import LockTimeout, check_mode
 from ._protocol import MAX_RESULT_BYTES, Options, Result
 from ._redis import (
     DEFAULT_FENCE_TTL,
@@ -43,6 +44,8 @@ P = ParamSpec("P")
 DEFAULT_MAX_RESULT_BYTES: Final = 64 * 1024 * 1024
 # How often a waiter checks that the owner lives: detection of a dead owner takes at most about this.
 DEFAULT_CHECK_INTERVAL: Final = 0.2
+# How long a tier's count waits for the table lock before it is dropped.
+COUNT_WAIT: Final = 0.5
 
 _handles: weakref.WeakSet[Group] = weakref.WeakSet()  # handles with a thread pool
 
@@ -130,7 +133,9 @@ class Group:
         """A counter of the tier behind the table (stats()), bumped under the table lock."""
         at = self._at
         if at is not None:
-            at.table.locked(at.table.bump_tier, TIER_COUNTER_NAMES.index(counter))
+            with contextlib.suppress(LockTimeout):  # a stalled lock holder costs a count, not a caller
+                at.table.locked(at.table.bump_tier, TIER_COUNTER_NAMES.index(counter),
+                                deadline=time.monotonic() + COUNT_WAIT)  # fmt: skip
 
     def _use(self, at: Attachment) -> None:
         self._at, self.mode = at, at.table.mode  # the table's mode: what every process makes objects with

@@ -31,6 +31,7 @@ import contextlib
 import contextvars
 import hashlib
 import hmac
+import inspect
 import logging
 import math
 import os
@@ -375,7 +376,7 @@ class RedisTier:
     def publish(self, key: str | bytes, token: str, fence_no: int, kind: bytes, payload: bytes) -> int:
         """FINISH for ``token``: the number of remote waiters, or -1 when the lease is not the token's."""
         prefix, _ = self.keys_of(key)
-        sig = self._sign(token, kind, payload)
+        sig = self._sign(prefix, token, fence_no, kind, payload)
         keys = [prefix + "lease", prefix + "gone:" + token, prefix + "out:" + token]
         ttl = int(OUTCOME_TTL * 1000)
         fencing, pid = int(_FENCING), os.getpid()
@@ -385,10 +386,13 @@ class RedisTier:
             raise _Trouble(f"FINISH replied {type(reply).__name__}, not an integer")
         return reply
 
-    def _sign(self, token: str, kind: bytes, payload: bytes) -> bytes:
+    def _sign(self, prefix: str, token: str, fence_no: int, kind: bytes, payload: bytes) -> bytes:
+        """The outcome's HMAC: it binds the key and group (the prefix), the call (token, fence) and
+        the outcome, so that a signed outcome cannot be replayed for another key or call."""
         if self.secret is None:
             return b""
-        return hmac.new(self.secret, token.encode() + kind + payload, hashlib.sha256).digest()
+        head = f"{prefix}\0{token}\0{fence_no}\0".encode()
+        return hmac.new(self.secret, head + kind + payload, hashlib.sha256).digest()
 
     def hold(self, entry: RedisEntry) -> None:
         """Renew the entry's lease every third of it until it is let go. The renewer thread starts
@@ -522,7 +526,7 @@ class _Reader:
         w = _Wait(leases, token, ttl)
         with self.lock:
             self.waits.setdefault(stream, []).append(w)
-            started = self.thread is None or not self.thread.is_alive()
+            started = self.thread is None
             if started:
                 self.thread = threading.Thread(
                     target=self._loop, daemon=True, name=f"mpflight-read-{self.tier.name}"
@@ -567,7 +571,8 @@ class _Reader:
                     while not self.waits:
                         self.reading = set()
                         if not self.arrived.wait(READER_IDLE) and not self.waits:
-                            return  # idle: the next wait starts a reader again
+                            self.thread = None  # idle: decided under the lock a registration takes
+                            return
                     streams = list(self.waits)
                     self.reading, self.poked = set(streams), False
                 try:
@@ -594,9 +599,17 @@ class _Reader:
                     else:
                         self._deliver([name.decode()], fields, None)
                 self._check_leases()
+        except BaseException as e:  # not Redis's trouble but ours: nobody may be left waiting on it
+            log.exception("mpflight group %r: the reader of outcome streams failed", tier.name)
+            with self.lock:
+                self.thread = None
+            self._deliver(list(self.waits), None, _Trouble(f"the reader failed: {type(e).__name__}: {e}"))
+            raise
         finally:
             with self.lock:
-                self.thread, self.reading = None, set()
+                if self.thread is threading.current_thread():
+                    self.thread = None
+                self.reading = set()
             if conn is not None and pool is not None:
                 pool.release(conn)
 
@@ -664,7 +677,6 @@ class RedisEntry:
         self.renew_at = 0.0  # OWN: when its lease is renewed next, monotonic
         self.noted = b""
         self.done = False
-        self._fence_reset: contextvars.Token[int | None] | None = None
 
     def __enter__(self) -> RedisEntry:
         return self
@@ -701,7 +713,6 @@ class RedisEntry:
             self.role = OWN
             tier.count("remote_owners")
             tier.hold(self)
-            self._fence_reset = _fence.set(self.fence)
             self.noted = _NOTE.pack(b"R", _NOTE_OWN, bytes.fromhex(token), self.fence) + host
             return OWN
         self.role = JOIN
@@ -733,7 +744,7 @@ class RedisEntry:
             kind, payload = _NOT_SHARED, b""
         try:
             joins = tier.publish(self.key, self.token, self.fence, kind, payload)
-        except _Trouble as e:  # the owner has its outcome whatever fail says: only counted
+        except (_Trouble, TierUnavailable) as e:  # the owner has its outcome whatever fail says
             tier.count("remote_fallbacks")
             log.warning("mpflight group %r: could not publish to Redis (%s): remote waiters see the "
                         "lease expire", tier.name, e)  # fmt: skip
@@ -845,7 +856,7 @@ class RedisEntry:
         if kind not in (_PAYLOAD, _NOT_SHARED) or type(payload) is not bytes:
             raise CorruptPayload(f"the outcome of key {key!r} in Redis has no kind or payload")
         if tier.secret is not None:
-            sig = tier._sign(self.token, kind, payload)
+            sig = tier._sign(self.prefix, self.token, self.fence, kind, payload)
             if not hmac.compare_digest(sig, entry.get(b"s", b"")):
                 raise CorruptPayload(f"the outcome of key {key!r} in Redis is not signed with the secret")
         if kind == _NOT_SHARED:
@@ -872,7 +883,7 @@ class RedisEntry:
         abort = _codec.pack_abort(f"the owner's caller ended early (host {self.tier.host})")
 
         def publish() -> None:
-            with contextlib.suppress(_Trouble):
+            with contextlib.suppress(_Trouble, TierUnavailable):
                 self.tier.publish(self.key, self.token, self.fence, _PAYLOAD, abort)
 
         if wait:
@@ -884,10 +895,30 @@ class RedisEntry:
         pass
 
     def close(self) -> None:
-        if self._fence_reset is not None:
-            with contextlib.suppress(ValueError):  # reset only in the context that set it
-                _fence.reset(self._fence_reset)
-            self._fence_reset = None
+        pass
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """fn, run with this call's fence number for mpflight.fence() (a coroutine fn as one)."""
+        fence_no = self.fence
+        if inspect.iscoroutinefunction(fn):
+
+            async def fenced_coroutine(*args: Any, **kwargs: Any) -> Any:
+                token = _fence.set(fence_no)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    _fence.reset(token)
+
+            return fenced_coroutine
+
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            token = _fence.set(fence_no)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _fence.reset(token)
+
+        return fenced
 
 
 def _text(value: object, what: str) -> str:
@@ -962,6 +993,7 @@ def _stream_entry(reply: object) -> dict[bytes, bytes] | None:
 def _after_fork_in_child() -> None:
     for tier in list(_tiers):
         tier._owned, tier._ended, tier._renewer, tier._reader = {}, {}, None, None
+        tier._lock, tier._wake = threading.Lock(), threading.Event()  # a parent's thread may have held it
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -280,7 +280,16 @@ class StackedCaller:
             return JOIN
         return OWN  # owns in the next tier too, or it has no room: fn runs here, for the table's waiters
 
-    own = _protocol.own  # the one owner runner: fn here, then finish both tiers
+    def own(
+        self, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[T, bool]:
+        """The one owner runner (fn here, then finish both tiers), fn wrapped as the next tier asks."""
+        return _protocol.own(self, self.wrap(fn), args, kwargs)
+
+    def wrap(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """fn as the next tier wants it run when this caller owns there too (with its fence number)."""
+        wrap = getattr(self.remote, "wrap", None) if self.remote_role == OWN else None
+        return fn if wrap is None else wrap(fn)
 
     def finish(self, value: object, error: BaseException | None) -> bool:
         shared = False
@@ -301,8 +310,13 @@ class StackedCaller:
             # The table's call is this caller's to run after all: it owns there, not in the next tier.
             self.relay, self.remote_role = False, ALONE
             raise
-        except _protocol.Detached:
-            self._relay_alone(key)
+        except (_protocol.Detached, TimeoutError):
+            # This caller leaves (it detached, or its own deadline passed); the table's other waiters,
+            # whose deadlines are theirs, still get the outcome: relay on for them.
+            if not self.relaying:
+                self._relay_alone(key)
+                raise
+            self.local.abandon("the wait in the next tier ended with its caller gone")
             raise
         except _NOT_AN_OUTCOME as e:
             self.local.abandon(f"the wait in the next tier ended: {type(e).__name__}: {e}"[:200])
@@ -314,17 +328,19 @@ class StackedCaller:
         return Result(result.value, True)
 
     def _relay_alone(self, key: str | bytes) -> None:
-        """This caller detached: relay on in a thread of its own, which then closes the entry (and
-        recovery leaves the call to it)."""
+        """This caller left: relay on in a thread of its own, without the caller's deadline, which then
+        closes the entry (recovery and closing leave the call to it)."""
         self.relaying = True
         self.handed = True
         self.local.hand()
+        if self.remote is not None and hasattr(self.remote, "deadline"):
+            self.remote.deadline = None  # the next tier's own bounds (a lease) end the wait
 
         def relay() -> None:
             try:
                 self.relay_to_table(key)
             finally:
-                self.handed = False
+                self.relaying = self.handed = False
                 self.close()
 
         threading.Thread(target=relay, daemon=True, name=f"mpflight-relay-{self.local.opts.name}").start()
@@ -332,6 +348,8 @@ class StackedCaller:
     def relay_to_table(self, key: str | bytes) -> None:
         try:
             self.wait(key)
+        except RunHere:  # nobody here has fn to run: the table's waiters are told at once
+            self.local.abandon("the next tier could not serve the call, and its caller had left")
         except BaseException:
             log.debug("mpflight: a detached relay of key %r ended without the outcome", key, exc_info=True)
 
@@ -344,8 +362,10 @@ class StackedCaller:
         self.local.note(data)
 
     def recover(self, wait: bool = True) -> None:
-        if self.relaying:
-            return  # the relay thread ends the call, with the next tier's outcome
+        if self.relaying or (self.relay and not wait):
+            # The relay thread ends the call with the next tier's outcome; a relay whose caller left
+            # without waiting (a cancelled do_async) is a wait thread's, which sees it and relays on.
+            return
         try:
             if self.remote is not None:
                 self.remote.recover(wait)
@@ -357,8 +377,8 @@ class StackedCaller:
         self.local.hand()
 
     def close(self) -> None:
-        if self.closed:
-            return
+        if self.closed or self.relaying:
+            return  # a relay thread closes the entry when it is done
         self.closed = True
         try:
             if self.remote is not None:

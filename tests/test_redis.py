@@ -5,6 +5,7 @@ the value, fn's error, an AbortError, or a fallback to coalescing on the host al
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -948,3 +949,79 @@ def test_nothing_starts_before_the_first_call(server: RedisServer, name: str) ->
         owner.join(DEADLINE)
     mpflight.unlink(f"{name}+a")
     _flush(server, name)
+
+
+# -- what the owner's fn sees, and relays whose caller leaves ---------------------------------------------------
+
+
+def test_fn_sees_its_fence_number_in_every_way_of_calling_and_nothing_after(
+    server: RedisServer, name: str
+) -> None:
+    async def coroutine() -> int | None:
+        return mpflight.fence()
+
+    with _in_process_hosts(server, name, "a") as g:
+        group = g["a"]
+        fences = [
+            group.do("k1", mpflight.fence),
+            group.do_future("k2", mpflight.fence).result(DEADLINE).value,
+            asyncio.run(group.do_async("k3", coroutine)),
+            asyncio.run(group.do_async("k4", mpflight.fence)),
+        ]
+        assert all(type(f) is int and f >= 1 for f in fences), fences
+        assert mpflight.fence() is None  # only while fn runs
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # nor in a thread fn ran in before
+            assert asyncio.run(group.do_async("k5", mpflight.fence)) is not None
+            assert pool.submit(mpflight.fence).result(DEADLINE) is None
+
+
+@pytest.mark.parametrize("leaves", ["timeout", "cancelled"])
+def test_a_relay_whose_caller_leaves_still_serves_its_hosts_other_waiters(
+    server: RedisServer, name: str, leaves: str
+) -> None:
+    """Host b's first caller waits in Redis for host a and relays to b's table; it leaves (its own
+    timeout, or its do_async task is cancelled); b's other waiter still gets a's value."""
+    with _in_process_hosts(server, name, "ab") as g:
+        quick = mpflight.Group(name, redis=server.url, host_id="b", timeout=1.0)
+        release = threading.Event()
+        got: dict[str, object] = {}
+        loop = asyncio.new_event_loop()
+        try:
+            owner = threading.Thread(
+                target=lambda: got.update(a=g["a"].do("k", lambda: release.wait(DEADLINE) and "a"))
+            )
+            owner.start()
+            wait_until(lambda: len(_leases(server, name)) == 1, "the owner's lease")
+            if leaves == "timeout":
+                relay = threading.Thread(
+                    target=lambda: _catch(got, "relay", lambda: quick.do("k", lambda: "ran"))
+                )
+                relay.start()
+            else:
+                task = loop.create_task(g["b"].do_async("k", lambda: "ran"))
+                relay = threading.Thread(
+                    target=lambda: _catch(got, "relay", lambda: loop.run_until_complete(task))
+                )
+                relay.start()
+            wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
+            other = threading.Thread(target=lambda: got.update(other=g["b"].do("k", lambda: "ran")))
+            other.start()
+            wait_until(lambda: sum(c.waiters for c in g["b"].inflight()) == 1, "b's other waiter")
+            if leaves == "cancelled":
+                loop.call_soon_threadsafe(task.cancel)
+            relay.join(DEADLINE)
+            assert got["relay"] in ("TimeoutError", "CancelledError")
+            release.set()
+            owner.join(DEADLINE), other.join(DEADLINE)
+            assert got["other"] == "a"  # the relay went on for it
+        finally:
+            release.set()
+            quick.close()
+            loop.close()
+
+
+def _catch(into: dict[str, object], name: str, call: Callable[[], object]) -> None:
+    try:
+        into[name] = call()
+    except BaseException as e:  # the test looks at which
+        into[name] = type(e).__name__
