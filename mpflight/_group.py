@@ -161,6 +161,8 @@ class Group:
             return
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+        if isinstance(self._tier, Stacked):
+            self._tier.close()
         registry.release(at)
         close_next = getattr(self._next, "close", None)
         if close_next is not None:

@@ -144,10 +144,10 @@ return t and 1 or 0
 
 # The tier's own bytes in the table's slot (at most TIER_CAP): what inflight() and the CLI show, and
 # what the abort hook needs to publish an abort for a dead owner's call.
-_NOTE: Final = struct.Struct("<cc16sQ")
+_NOTE: Final = struct.Struct("<cc16sQ16s")  # "R", role, token, fence, the key's hash tag; then the host
 _NOTE_OWN, _NOTE_WAIT = b"O", b"W"
 _HOST_CAP: Final = TIER_CAP - _NOTE.size
-assert _NOTE.size + 8 <= TIER_CAP
+assert _NOTE.size + 8 <= TIER_CAP  # room for a host's name of 8 bytes at least
 
 # fn's fence number, while fn runs as the fleet's owner of its call (mpflight.fence()).
 _fence: contextvars.ContextVar[int | None] = contextvars.ContextVar("mpflight_fence", default=None)
@@ -164,7 +164,7 @@ def parse_note(data: bytes) -> dict[str, object] | None:
     """What this tier keeps in a slot, for inflight() and the CLI: role, fence and the owner's host."""
     if len(data) < _NOTE.size or data[:1] != b"R":
         return None
-    _, role, _, fence_no = _NOTE.unpack_from(data)
+    _, role, _, fence_no, _ = _NOTE.unpack_from(data)
     host = data[_NOTE.size :].decode("utf-8", "replace")
     return {"tier": "redis", "role": "owner" if role == _NOTE_OWN else "waiter", "fence": fence_no,
             "owner_host": host}  # fmt: skip
@@ -349,20 +349,21 @@ class RedisTier:
         the call in Redis too, publish an abort there for its waiters on other hosts."""
         if len(data) < _NOTE.size or data[:1] != b"R" or data[1:2] != _NOTE_OWN:
             return
-        _, _, token_bytes, fence_no = _NOTE.unpack_from(data)
+        _, _, token_bytes, fence_no, tag = _NOTE.unpack_from(data)
         token = token_bytes.hex()
         with self._lock:
+            self._owned.pop(token, None)
             if self._ended.pop(token, False):
                 return  # this process published the call's end itself: the table freeing it is its due
-
+        # The note's hash tag, not the key: the table keeps only the first bytes of a long key.
+        prefix = f"{self.prefix}{{{tag.hex()}}}:"
         why = reason or "the owner's call ended without an outcome"
-        try:
-            self.publish(key, token, fence_no, _PAYLOAD, _codec.pack_abort(f"{why} (host {self.host})"))
-        except _Trouble as e:
+        abort = _codec.pack_abort(f"{why} (host {self.host})")
+        try:  # in the hook's thread, bounded by redis_timeout: a queue could die with its process
+            self.publish(prefix, token, fence_no, _PAYLOAD, abort)
+        except (_Trouble, TierUnavailable) as e:
             log.warning("mpflight group %r: could not publish an abort to Redis (%s): remote waiters "
                         "see the lease expire", self.name, e)  # fmt: skip
-        with self._lock:
-            self._owned.pop(token, None)
 
     def forget(self, key: str | bytes) -> None:
         prefix, _ = self.keys_of(key)
@@ -373,9 +374,9 @@ class RedisTier:
 
     # -- publishing and renewing -------------------------------------------------------------------------
 
-    def publish(self, key: str | bytes, token: str, fence_no: int, kind: bytes, payload: bytes) -> int:
-        """FINISH for ``token``: the number of remote waiters, or -1 when the lease is not the token's."""
-        prefix, _ = self.keys_of(key)
+    def publish(self, prefix: str, token: str, fence_no: int, kind: bytes, payload: bytes) -> int:
+        """FINISH for ``token`` (of the call's key ``prefix``): the number of remote waiters, or -1 when
+        the lease is not the token's."""
         sig = self._sign(prefix, token, fence_no, kind, payload)
         keys = [prefix + "lease", prefix + "gone:" + token, prefix + "out:" + token]
         ttl = int(OUTCOME_TTL * 1000)
@@ -709,15 +710,16 @@ class RedisEntry:
         owner_token, self.fence, self.owner_host, self.owner_pid, ttl = fields
         self.token, self.ttl = owner_token, time.monotonic() + ttl / 1000
         host = self.owner_host.encode("utf-8", "replace")[:_HOST_CAP]
+        tag = bytes.fromhex(self.prefix[self.prefix.rindex("{") + 1 : self.prefix.rindex("}")])
         if role == 1:
             self.role = OWN
             tier.count("remote_owners")
             tier.hold(self)
-            self.noted = _NOTE.pack(b"R", _NOTE_OWN, bytes.fromhex(token), self.fence) + host
+            self.noted = _NOTE.pack(b"R", _NOTE_OWN, bytes.fromhex(token), self.fence, tag) + host
             return OWN
         self.role = JOIN
         tier.count("remote_joins")
-        self.noted = _NOTE.pack(b"R", _NOTE_WAIT, bytes.fromhex(owner_token), self.fence) + host
+        self.noted = _NOTE.pack(b"R", _NOTE_WAIT, bytes.fromhex(owner_token), self.fence, tag) + host
         return JOIN
 
     own = _protocol.own  # the one owner runner (drivers use the stacked caller's)
@@ -743,7 +745,7 @@ class RedisEntry:
             tier.count("remote_not_shared")
             kind, payload = _NOT_SHARED, b""
         try:
-            joins = tier.publish(self.key, self.token, self.fence, kind, payload)
+            joins = tier.publish(self.prefix, self.token, self.fence, kind, payload)
         except (_Trouble, TierUnavailable) as e:  # the owner has its outcome whatever fail says
             tier.count("remote_fallbacks")
             log.warning("mpflight group %r: could not publish to Redis (%s): remote waiters see the "
@@ -884,7 +886,7 @@ class RedisEntry:
 
         def publish() -> None:
             with contextlib.suppress(_Trouble, TierUnavailable):
-                self.tier.publish(self.key, self.token, self.fence, _PAYLOAD, abort)
+                self.tier.publish(self.prefix, self.token, self.fence, _PAYLOAD, abort)
 
         if wait:
             publish()

@@ -212,6 +212,12 @@ class Stacked:
     def keep(self) -> _Both:
         return _Both(self.shm.keep(), self.next.keep())
 
+    def close(self) -> None:
+        """The handle is closed: its next tier hears no more of the table's events."""
+        hooks = self.shm.table.hooks
+        if self.next.on_event in hooks:
+            hooks.remove(self.next.on_event)
+
     def caller(self, deadline: float | None) -> StackedCaller:
         return StackedCaller(self.shm.caller(deadline), self.next, deadline)
 

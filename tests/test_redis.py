@@ -312,13 +312,14 @@ def test_fns_error_reaches_every_caller_on_every_host(hosts: Hosts, server: Redi
     assert remote and all(any(f"host {owner_host}" in n for n in o["notes"]) for o in remote)
 
 
+@pytest.mark.parametrize("key", ["k", "k" * 10_000], ids=["short", "10 KiB"])
 def test_a_dead_owner_process_is_reported_to_other_hosts_before_its_lease_ends(
-    hosts: Hosts, server: RedisServer
+    hosts: Hosts, server: RedisServer, key: str
 ) -> None:
     # The lease is long: only the owner's host seeing the death (and publishing an abort) explains a
-    # quick AbortError on the other host.
+    # quick AbortError on the other host. (The table keeps only a long key's first bytes.)
     for host in ("a", "a", "b", "b"):
-        hosts.start(host, lease=60.0)
+        hosts.start(host, key=key, lease=60.0)
     wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
     owner_host, owner_pid = hosts.runs()[0][0], int(hosts.runs()[0][1])
     wait_until(lambda: _remote_waiters(server, hosts.name) == 1, "the other host in Redis")
