@@ -66,8 +66,8 @@ MAX_BLOCK: Final = 1.0
 READ_MARGIN: Final = 0.25
 # A reader with nothing to read for this long ends; the next wait starts one again.
 READER_IDLE: Final = 5.0
-# How many lease renewals go to Redis in one round trip.
-RENEW_BATCH: Final = 500
+# How many scripts (lease renewals, lease checks) go to Redis in one round trip.
+BATCH: Final = 500
 # The connections of one process's client made from a URL.
 MAX_CONNECTIONS: Final = 16
 # How many ended calls a process remembers, so that the table's free of one it ended tells Redis nothing.
@@ -424,8 +424,8 @@ class RedisTier:
             due = [e for e in self._owned.values() if e.renew_at <= now]
             for entry in due:
                 entry.renew_at = now + self.renew_every
-        for start in range(0, len(due), RENEW_BATCH):  # one round trip per batch, not per lease
-            batch = due[start : start + RENEW_BATCH]
+        for start in range(0, len(due), BATCH):  # one round trip per batch, not per lease
+            batch = due[start : start + BATCH]
             try:
                 pipe = self.client().pipeline(transaction=False)  # _Trouble once closed
                 for entry in batch:
@@ -639,8 +639,8 @@ class _Reader:
         with self.lock:
             due = [(stream, ws[0]) for stream, ws in self.waits.items() if ws and ws[0].ttl <= now]
         tier = self.tier
-        for start in range(0, len(due), RENEW_BATCH):
-            batch = due[start : start + RENEW_BATCH]
+        for start in range(0, len(due), BATCH):
+            batch = due[start : start + BATCH]
             try:
                 pipe = tier.client().pipeline(transaction=False)
                 for _, w in batch:
@@ -850,7 +850,8 @@ class RedisEntry:
             raise
         finally:
             pool.release(conn)
-        return _stream_entry(reply)
+        found = _stream_entries(reply)
+        return found[0][2] if found else None
 
     def _outcome(self, key: str | bytes, entry: dict[bytes, bytes], waited: float) -> Result[Any]:
         tier = self.tier
@@ -974,22 +975,6 @@ def _stream_entries(reply: object) -> list[tuple[bytes, bytes, dict[bytes, bytes
     except (TypeError, ValueError, IndexError) as e:
         raise _Trouble(f"XREAD replied something else than stream entries: {e}") from e
     return found
-
-
-def _stream_entry(reply: object) -> dict[bytes, bytes] | None:
-    """The first entry of an XREAD reply as its fields, or None when there is none."""
-    if reply is None or reply == []:
-        return None
-    try:
-        streams: Any = list(reply.items()) if isinstance(reply, dict) else reply  # RESP3, RESP2
-        ((_, entries),) = streams
-        ((_, flat),) = entries
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    except (TypeError, ValueError) as e:
-        raise _Trouble(f"XREAD replied something else than one entry: {e}") from e
-    if not all(type(k) is bytes and type(v) is bytes for k, v in fields.items()):
-        raise _Trouble("XREAD replied fields that are not strings")
-    return fields
 
 
 def _after_fork_in_child() -> None:

@@ -138,20 +138,24 @@ class Peer:
                 self.spec["results"],
                 self.spec["cond"],
             )
+            # A waiter waits for the very call it saw (its token), not for "a result newer than my
+            # start": a result stamped before a waiter began, by a call it still saw running, would
+            # leave it waiting for a call of the key that may never come.
             with lock:
-                owner = key not in calls
+                call = calls.get(key)
+                owner = call is None
                 if owner:
-                    calls[key] = os.getpid()
+                    call = calls[key] = (os.getpid(), time.monotonic_ns())
             if owner:
                 value = fn()
                 with cond:
-                    results[key] = (time.time(), value)
+                    results[call] = value  # by call, not key: a later call may not overwrite it
                     calls.pop(key, None)
                     cond.notify_all()
                 return value
             with cond:
-                cond.wait_for(lambda: key in results and results[key][0] >= began)
-                return results[key][1]
+                cond.wait_for(lambda: call in results)
+                return results[call]
         raise ValueError(kind)
 
     def _filelock(self, key: str, fn: Callable[[], Any], began: float) -> Any:

@@ -172,14 +172,25 @@ class Hosts:
 
         return check
 
+    def herd(self, per_host: int, mode: str = "value") -> list[str]:
+        """Start ``per_host`` callers of key "k" on each of hosts h0, h1, h2 and wait until the owner
+        runs fn and every other caller waits (two hosts in Redis, the rest in their tables); returns
+        the owner's line in ``runs`` (host, pid, fence)."""
+        for i in range(3 * per_host):
+            self.start(f"h{i % 3}", mode=mode)
+        wait_until(lambda: len(self.runs()) == 1, "the owner's fn")
+        wait_until(lambda: _remote_waiters(self.server, self.name) == 2, "the two other hosts in Redis")
+        for h in ("h0", "h1", "h2"):
+            wait_until(self.waiting(h, per_host - 1), f"{per_host - 1} local waiter(s) on {h}")
+        return self.runs()[0]
+
     def kill_host(self, host: str) -> None:
         os.killpg(self.groups[host], signal.SIGKILL)
 
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
-                with_cont = proc.pid
-                os.kill(with_cont, signal.SIGCONT)
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped process dies only once it runs
                 proc.kill()
             proc.wait()
         for host in self.groups:
@@ -246,18 +257,12 @@ class _Held:
 
 
 def test_three_hosts_of_four_processes_share_one_execution(hosts: Hosts, server: RedisServer) -> None:
-    for i in range(12):
-        hosts.start(f"h{i % 3}")
-    wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
-    owner_host = hosts.runs()[0][0]
-    wait_until(lambda: _remote_waiters(server, hosts.name) == 2, "the two other hosts in Redis")
-    for h in ("h0", "h1", "h2"):
-        wait_until(hosts.waiting(h, 3), f"3 local waiters on {h}")
+    owner_host, owner_pid, _ = hosts.herd(4)
     hosts.open()
     outs = hosts.outs(12)
     assert len(hosts.runs()) == 1
     assert {json.dumps(o.get("value"), sort_keys=True) for o in outs} == {
-        json.dumps({"key": "k", "host": owner_host, "pid": int(hosts.runs()[0][1])}, sort_keys=True)
+        json.dumps({"key": "k", "host": owner_host, "pid": int(owner_pid)}, sort_keys=True)
     }
     assert all(o["shared"] for o in outs)
     by_host = {o["host"]: o["stats"] for o in outs}
@@ -278,32 +283,21 @@ def test_a_cluster_of_three_masters_shares_one_execution(
 ) -> None:
     hosts = Hosts(cluster, name, tmp_path)
     try:
-        for i in range(12):
-            hosts.start(f"h{i % 3}")
-        wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
-        wait_until(lambda: _remote_waiters(cluster, name) == 2, "the two other hosts in the cluster")
-        for h in ("h0", "h1", "h2"):
-            wait_until(hosts.waiting(h, 3), f"3 local waiters on {h}")
+        owner_host, owner_pid, _ = hosts.herd(4)
         hosts.open()
         outs = hosts.outs(12)
         assert len(hosts.runs()) == 1
-        assert len({json.dumps(o.get("value"), sort_keys=True) for o in outs}) == 1
+        assert {json.dumps(o.get("value"), sort_keys=True) for o in outs} == {
+            json.dumps({"key": "k", "host": owner_host, "pid": int(owner_pid)}, sort_keys=True)
+        }
         assert all(o["shared"] for o in outs)
-        # Keys of several calls spread over the masters: the second key is on another node than the first.
-        assert all("error" not in o for o in outs)
     finally:
         hosts.close()
         _flush(cluster, name)
 
 
 def test_fns_error_reaches_every_caller_on_every_host(hosts: Hosts, server: RedisServer) -> None:
-    for i in range(6):
-        hosts.start(f"h{i % 3}", mode="raise")
-    wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
-    owner_host = hosts.runs()[0][0]
-    wait_until(lambda: _remote_waiters(server, hosts.name) == 2, "the two other hosts in Redis")
-    for h in ("h0", "h1", "h2"):
-        wait_until(hosts.waiting(h, 1), f"a local waiter on {h}")
+    owner_host, _, _ = hosts.herd(2, mode="raise")
     hosts.open()
     outs = hosts.outs(6)
     assert len(hosts.runs()) == 1
