@@ -27,6 +27,7 @@ from ._errors import (
     RemoteError,
     SerializationError,
     TierUnavailable,
+    WaitTimeout,
 )
 from ._group import Group, coalesce
 from ._housekeeping import InflightCall, tables, unlink
@@ -54,6 +55,7 @@ __all__ = [
     "Result",
     "SerializationError",
     "TierUnavailable",
+    "WaitTimeout",
     "coalesce",
     "fence",
     "tables",

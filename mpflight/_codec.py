@@ -3,7 +3,10 @@
 The owner packs exactly one payload per call (``pack_value``, ``pack_error``, ``pack_abort`` or
 ``pack_not_carried``); every waiter calls ``unpack`` on it, which returns the value or raises. Nothing is
 ever pickled and nothing named in a payload is ever imported: an exception comes back as itself only when
-its type is a built-in exception or one of mpflight's own errors, and as ``RemoteError`` otherwise.
+its type is a built-in exception, one of mpflight's own errors, or a type the reader registered
+(``Codec.register_error``, ``Group(errors=...)``, or ``Codec.register`` with its own encoding), and as
+``RemoteError`` otherwise. A rebuilt exception has the owner's args and attributes; its class is the
+reader's own, looked up by name among what the reader registered.
 
 Wire format
 -----------
@@ -14,8 +17,11 @@ payload starts with the two bytes ``0x92 tag``:
 tag            body
 =============  ==========================================================================================
 0 VALUE        the value
-1 ERROR        ``[module, qualname, args, message, traceback]``: str, str, array or nil (nil when the
-               args could not be carried), ``str(exc)``, ``traceback.format_exception`` text
+1 ERROR        ``[module, qualname, args, message, traceback, attrs, whole]``: str, str, array or nil (nil
+               when the args could not be carried), ``str(exc)``, ``traceback.format_exception`` text,
+               a map of the exception's attributes (``__dict__``, ``__notes__`` included) that could be
+               carried, or nil; and the exception itself when its type is registered with
+               ``Codec.register`` (else nil)
 2 ABORT        the reason (str)
 3 NOT_CARRIED  the message (str) of the SerializationError the owner met
 =============  ==========================================================================================
@@ -74,6 +80,7 @@ another int.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import re
 import struct
 import traceback
@@ -103,6 +110,7 @@ from ._errors import (
     SegmentFull,
     SerializationError,
     TierUnavailable,
+    WaitTimeout,
     short_key,
 )
 
@@ -433,13 +441,43 @@ class Codec:
         codec.register(Point, 0, lambda p: (p.x, p.y), lambda xy: Point(*xy))
     """
 
-    __slots__ = ("_default", "_encoders", "_markers")
+    __slots__ = ("_default", "_encoders", "_errors", "_markers")
 
     def __init__(self) -> None:
         self._encoders: dict[type, Callable[[Any], object]] = dict(_BUILTIN_ENCODERS)
         self._markers: dict[int, _Marker] = dict(_BUILTIN_MARKERS)
+        self._errors: dict[str, type[BaseException]] = {}  # 'module.QualName' -> a registered exception type
         # msgpack calls this for every object it cannot write itself; bound once, not per pack.
         self._default: Callable[[object], object] = self._encode
+
+    def copy(self) -> Codec:
+        """A codec that carries what this one carries; registering on it leaves this one as it is."""
+        other = Codec()
+        other._encoders, other._markers, other._errors = (
+            dict(self._encoders),
+            dict(self._markers),
+            dict(self._errors),
+        )
+        return other
+
+    def register_error(self, type_: type[BaseException]) -> None:
+        """Let exceptions of exactly ``type_`` (an Exception subclass) travel as themselves.
+
+        A waiter rebuilds one as its own ``type_``, found by module and qualified name among the types
+        it registered (nothing is imported), with the owner's ``args`` and the attributes the codec can
+        carry (``__notes__`` included), without calling ``__init__``. Register the same types in every
+        process. Raises TypeError for what is not an Exception subclass, ValueError when another type
+        of that name is registered already.
+        """
+        if not isinstance(type_, type) or not issubclass(type_, Exception):
+            raise TypeError(f"errors must be Exception subclasses, not {type_!r}")
+        name = _qualified(str(type_.__module__), type_.__qualname__)
+        if "<locals>" in type_.__qualname__:
+            raise ValueError(f"{name!r} is defined inside a function: another process cannot name it")
+        known = self._errors.get(name)
+        if known is not None and known is not type_:
+            raise ValueError(f"another exception type named {name!r} is registered already")
+        self._errors[name] = type_
 
     def register(
         self,
@@ -598,11 +636,31 @@ def _traceback_text(exc: BaseException, qualname: str, message: str) -> str:
         return f"{qualname}: {message}\n(mpflight could not format the traceback)\n"
 
 
+def _attrs(exc: BaseException, codec: Codec) -> dict[str, object] | None:
+    """The exception's instance attributes that the codec can carry (``__notes__`` among them)."""
+    try:
+        state = dict(vars(exc))
+    except Exception:
+        return None
+    kept: dict[str, object] = {}
+    for name, value in state.items():
+        if type(name) is not str:
+            continue
+        try:
+            _pack_frame(VALUE, value, codec)
+        except Exception:  # noqa: S112 (an attribute that cannot travel is left behind, the rest go)
+            continue
+        kept[name] = value
+    return kept or None
+
+
 def pack_error(exc: BaseException, codec: Codec | None) -> bytes:
-    """Pack the exception fn raised: its type's name, args (when they can be carried), message, traceback.
+    """Pack the exception fn raised: its type's name, args and attributes (what of them can be carried),
+    message, traceback; and, for a type registered with ``Codec.register``, the exception itself.
 
     Never raises.
     """
+    use = _PLAIN if codec is None else codec
     try:
         cls = type(exc)
         module = _clean(str(getattr(cls, "__module__", "")))
@@ -610,24 +668,30 @@ def pack_error(exc: BaseException, codec: Codec | None) -> bytes:
         message = _clean(_str_of(exc))
         tb = _clean(_traceback_text(exc, qualname, message))
         args = _error_args(exc, _rebuildable(module, qualname) is cls)
+        attrs = _attrs(exc, use)
+        whole = exc if cls in use._encoders else None
     except Exception:
         return _ERROR_FALLBACK
-    if args is not None:
+    for body in (
+        [module, qualname, args, message, tb, attrs, whole],
+        [module, qualname, args, message, tb, attrs, None],
+        [module, qualname, args, message, tb, None, None],
+    ):
+        if body[2] is None and body[5] is None and body[6] is None:
+            break
         try:
-            return _pack_frame(
-                ERROR, [module, qualname, args, message, tb], _PLAIN if codec is None else codec
-            )
-        except Exception:  # noqa: S110 (the args cannot be carried: send the rest without them)
-            pass
+            return _pack_frame(ERROR, body, use)
+        except Exception:  # noqa: S112 (what cannot be carried is left out: send the rest without it)
+            continue
     try:
-        return _pack_frame(ERROR, [module, qualname, None, message, tb], _PLAIN)
+        return _pack_frame(ERROR, [module, qualname, None, message, tb, None, None], _PLAIN)
     except Exception:
         return _ERROR_FALLBACK
 
 
 # The last resort of pack_error (say, MemoryError while packing): waiters get a RemoteError that says so.
 _ERROR_FALLBACK: Final = _pack_frame(
-    ERROR, ["", "<exception>", None, "mpflight could not pack the owner's exception", ""], _PLAIN
+    ERROR, ["", "<exception>", None, "mpflight could not pack the owner's exception", "", None, None], _PLAIN
 )
 
 
@@ -650,7 +714,7 @@ _OWN_ERRORS: Final[dict[str, type[BaseException]]] = {
     for cls in (
         MPFlightError, AbortError, SerializationError, RemoteError, DeadlockError, RemoteTraceback,
         IncompatibleTable, DamagedTable, CorruptSlot, AccessDenied, NoSpace, SegmentFull, NoSuchTable,
-        NotInitialised, CorruptPayload, TierUnavailable,
+        NotInitialised, CorruptPayload, TierUnavailable, WaitTimeout,
     )
 }  # fmt: skip
 
@@ -672,22 +736,23 @@ def _rebuildable(module: str, qualname: str) -> type[BaseException] | None:
     return None
 
 
-_ErrorFields = tuple[str, str, list[Any] | None, str, str]
+_ErrorFields = tuple[str, str, list[Any] | None, str, str, dict[str, Any] | None, object]
 
 
 def _error_fields(body: object) -> _ErrorFields:
-    if type(body) is not list or len(body) != 5:
-        raise ValueError("an error is not a list of 5 fields")
-    module, qualname, args, message, tb = body
+    if type(body) is not list or len(body) != 7:
+        raise ValueError("an error is not a list of 7 fields")
+    module, qualname, args, message, tb, attrs, whole = body
     if not (
         type(module) is str
         and type(qualname) is str
         and (args is None or type(args) is list)
         and type(message) is str
         and type(tb) is str
+        and (attrs is None or (type(attrs) is dict and all(type(k) is str for k in attrs)))
     ):
         raise ValueError("an error's fields have the wrong types")
-    return module, qualname, args, message, tb
+    return module, qualname, args, message, tb, attrs, whole
 
 
 def _tag(frame: bytes | memoryview) -> int:
@@ -734,19 +799,55 @@ def _decode(payload: bytes | memoryview, codec: Codec) -> tuple[int, object]:
     return tag, body
 
 
-def _rebuild(fields: _ErrorFields, key: str | bytes, owner_pid: int) -> BaseException:
-    module, qualname, args, message, tb = fields
+def _restore(exc: BaseException, attrs: dict[str, Any] | None) -> None:
+    """Give a rebuilt exception the owner's attributes (those that travelled)."""
+    if not attrs:
+        return
+    for name, value in attrs.items():
+        if name == "__notes__" and type(value) is not list:
+            continue
+        with contextlib.suppress(Exception):  # a read-only attribute, a property that refuses
+            setattr(exc, name, value)
+
+
+def _registered(cls: type[BaseException], args: list[Any] | None) -> BaseException | None:
+    """An exception of a registered type, made as unpickling would, without calling ``__init__``."""
+    try:
+        exc = cls.__new__(cls, *(args or ()))
+        exc.args = tuple(args or ())
+    except Exception:
+        return None
+    return exc if type(exc) is cls else None
+
+
+def _rebuild(fields: _ErrorFields, codec: Codec, key: str | bytes, owner_pid: int) -> BaseException:
+    module, qualname, args, message, tb, attrs, whole = fields
     exc: BaseException | None = None
-    cls = _rebuildable(module, qualname)
-    if cls is not None and args is not None:
-        try:
-            exc = cls(*args)
-        except Exception:
-            exc = None
-        if type(exc) is not cls:  # e.g. OSError(errno, ...) makes a subclass: not what the owner raised
-            exc = None
+    name = _qualified(module, qualname)
+    if isinstance(whole, Exception) and _type_name(type(whole)) == name:
+        exc = whole  # its type is registered with Codec.register: the codec rebuilt it
+    elif name in codec._errors:
+        exc = _registered(codec._errors[name], args)
+        if exc is not None:
+            _restore(exc, attrs)
+    else:
+        cls = _rebuildable(module, qualname)
+        if cls is not None and args is not None:
+            try:
+                exc = cls(*args)
+            except Exception:
+                exc = None
+            if type(exc) is not cls:  # e.g. OSError(errno, ...) makes a subclass: not what the owner raised
+                exc = None
+            if exc is not None:
+                _restore(exc, attrs)
     if exc is None:
-        exc = RemoteError(_qualified(module, qualname), message, tb)
+        exc = RemoteError(name, message, tb)
+        if name not in codec._errors and _rebuildable(module, qualname) is None:
+            exc.add_note(
+                f"{name} is not registered to travel between processes: register it in every process, "
+                f"with Group(..., errors=[{name}]) or Codec.register_error, to get it as itself"
+            )
     exc.__cause__ = RemoteTraceback(tb)
     # The note repeats the owner's traceback: code that reports an exception with its notes but not its
     # cause (a log line, a test runner's summary) still shows where fn raised.
@@ -762,14 +863,15 @@ def unpack(payload: bytes | memoryview, codec: Codec | None, *, key: str | bytes
     AbortError; NOT_CARRIED raises SerializationError. A payload that does not decode raises MPFlightError
     and nothing else.
     """
+    use = _PLAIN if codec is None else codec
     try:
-        tag, body = _decode(payload, _PLAIN if codec is None else codec)
+        tag, body = _decode(payload, use)
     except Exception as exc:  # whatever a corrupt payload makes msgpack, a struct or a constructor raise
         raise CorruptPayload(_describe(exc)) from exc
     if tag == VALUE:
         return body
     if tag == ERROR:
-        raise _rebuild(cast(_ErrorFields, body), key, owner_pid)
+        raise _rebuild(cast(_ErrorFields, body), use, key, owner_pid)
     if tag == ABORT:
         raise AbortError(key, owner_pid, cast(str, body))
     raise SerializationError(cast(str, body))

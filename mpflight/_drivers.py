@@ -19,8 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import get_ident
 from typing import Any, TypeVar
 
-from ._protocol import ALONE, JOIN, OWN, Detached, Result, key_identity
-from ._tier import Entry, RunHere, Tier
+from ._protocol import ALONE, JOIN, OWN, Detached, Result, RunHere, key_identity
+from ._tier import Entry, Tier
 
 T = TypeVar("T")
 

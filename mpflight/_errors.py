@@ -23,16 +23,54 @@ class MPFlightError(Exception):
 
 
 class AbortError(MPFlightError):
-    """The call this caller joined ended without an outcome: its owner died or left fn abnormally."""
+    """The call this caller joined ended without an outcome: its owner died or left fn abnormally.
 
-    def __init__(self, key: str | bytes, owner_pid: int, reason: str = "owner died") -> None:
+    ``owner_died`` tells the two apart (a crash, the OOM killer, a lost host; or fn left by
+    KeyboardInterrupt, SystemExit or an interruption); ``takeovers`` is how many times the call was
+    already taken over by one of its waiters (``on_abort="retry"``). Calling again is always safe.
+    """
+
+    def __init__(
+        self, key: str | bytes, owner_pid: int, reason: str = "owner died", takeovers: int = 0
+    ) -> None:
         self.key = key
         self.owner_pid = owner_pid
         self.reason = reason
-        super().__init__(f"call for key {short_key(key)} aborted: {reason} (owner pid {owner_pid})")
+        self.takeovers = takeovers
+        advice = f"{takeovers} takeover(s) spent; retry" if takeovers else "retry, or on_abort='retry'"
+        super().__init__(f"call for key {short_key(key)} aborted: {reason} (owner pid {owner_pid}); {advice}")
+
+    @property
+    def owner_died(self) -> bool:
+        """True when the owner process (or its host) died; False when it left fn but lives on."""
+        return died(self.reason)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.key, self.owner_pid, self.reason))
+        return (type(self), (self.key, self.owner_pid, self.reason, self.takeovers))
+
+
+def died(reason: str) -> bool:
+    """Whether an abort's reason says the owner died (every such reason says "died" or "expired")."""
+    return "died" in reason or "expired" in reason or "killed" in reason
+
+
+class WaitTimeout(MPFlightError, TimeoutError):
+    """mpflight gave up waiting (for a call's outcome, or the table lock) at the caller's timeout.
+
+    A TimeoutError too, so ``except TimeoutError`` keeps working; fn's own TimeoutError reaches its
+    callers as itself, and never as this."""
+
+    def __init__(self, message: str, key: str | bytes | None = None, timeout: float | None = None) -> None:
+        self.message = message
+        self.key = key
+        self.timeout = timeout
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.key, self.timeout))
 
 
 class SerializationError(MPFlightError):

@@ -7,15 +7,16 @@ calling _drivers, tidying and reporting _housekeeping, this process's attachment
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 from . import _codec, _drivers, _faults, _housekeeping, _owner, _protocol
 from ._coalesce import decorator
@@ -46,6 +47,10 @@ DEFAULT_MAX_RESULT_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_CHECK_INTERVAL: Final = 0.2
 # How long a tier's count waits for the table lock before it is dropped.
 COUNT_WAIT: Final = 0.5
+# Bounds of the takeover budget (the slot counts takeovers in a u16) and of a linger.
+MAX_TAKEOVERS: Final = 100
+MAX_LINGER: Final = 3600.0
+_SAME: Final = object()  # with_options: an option not given
 
 _handles: weakref.WeakSet[Group] = weakref.WeakSet()  # handles with a thread pool
 
@@ -88,6 +93,11 @@ class Group:
         fence_ttl: float = DEFAULT_FENCE_TTL,
         secret: bytes | str | None = None,
         redis_timeout: float = DEFAULT_REDIS_TIMEOUT,
+        on_abort: str = "raise",
+        takeovers: int | None = None,
+        linger: float = 0.0,
+        linger_errors: bool = False,
+        errors: Iterable[type[BaseException]] = (),
     ) -> None:
         self.name = validate_name(name)
         if host_id is None:
@@ -108,6 +118,13 @@ class Group:
             raise ValueError(f"max_result_bytes must be an int from 1 to {MAX_RESULT_BYTES}")
         if codec is not None and not isinstance(codec, _codec.Codec):
             raise TypeError(f"codec must be an mpflight.Codec, not {type(codec).__name__}")
+        if isinstance(errors, type) or not isinstance(errors, Iterable):
+            raise TypeError(f"errors must be a list of exception types, not {errors!r}")
+        errors = list(errors)
+        if errors:
+            codec = _codec.Codec() if codec is None else codec.copy()  # the caller's codec stays as it is
+            for error_type in errors:
+                codec.register_error(error_type)
         for method in ("caller", "keep", "on_event"):
             if tier is not None and not callable(getattr(tier, method, None)):
                 raise TypeError(f"tier must be a NextTier (it has no {method}()), not {type(tier).__name__}")
@@ -117,7 +134,13 @@ class Group:
         self._create = create
         self._next = tier
         self._executor: ThreadPoolExecutor | None = None
-        self._opts = Options(self.name, self.timeout, self.check_interval, codec, max_result_bytes)
+        budget = _takeovers(on_abort, takeovers)
+        self._opts = Options(
+            self.name, self.timeout, self.check_interval, codec, max_result_bytes, budget,
+            _linger(linger), _flag("linger_errors", linger_errors),
+        )  # fmt: skip
+        self.on_abort, self.takeovers = on_abort, budget
+        self.linger, self.linger_errors = self._opts.linger, self._opts.linger_errors
         if redis is not None:
             if tier is not None:
                 raise ValueError("redis= and tier= both put a tier behind the table: give one")
@@ -127,7 +150,52 @@ class Group:
                 timeout=redis_timeout, count=self._count,
             )  # fmt: skip
         self._at: Attachment | None = None
+        self._parent: Group | None = None  # the handle a with_options view was made from
         self._use(registry.attach(self._table_name, slots, mode, create, self.timeout))
+
+    def with_options(
+        self,
+        *,
+        timeout: float | object | None = _SAME,
+        on_abort: str | None = None,
+        takeovers: int | None = None,
+        linger: float | None = None,
+        linger_errors: bool | None = None,
+    ) -> Group:
+        """This handle with other options for the calls made through it (per call:
+        ``group.with_options(linger=2).do(key, fn)``): the same table, tier and pool; cheap to make, and
+        never closed on its own (it ends with this handle). Options not given stay as they are."""
+        opts = self._opts
+        if on_abort is None and takeovers is None:
+            budget = opts.takeovers
+        else:
+            budget = _takeovers(on_abort or ("retry" if takeovers or opts.takeovers else "raise"), takeovers)
+        view = object.__new__(Group)
+        view.__dict__.update(self.__dict__)
+        if timeout is not _SAME:
+            view.timeout = None if timeout is None else seconds("timeout", cast(float, timeout))
+        view._opts = dataclasses.replace(
+            opts,
+            timeout=view.timeout,
+            takeovers=budget,
+            linger=opts.linger if linger is None else _linger(linger),
+            linger_errors=opts.linger_errors
+            if linger_errors is None
+            else _flag("linger_errors", linger_errors),
+        )
+        view.on_abort, view.takeovers = ("retry" if budget else "raise"), budget
+        view.linger, view.linger_errors = view._opts.linger, view._opts.linger_errors
+        view._parent = self
+        view._use_view()
+        return view
+
+    def _use_view(self) -> None:
+        """A view's tiers: its own options on the handle's table and next tier."""
+        at = self._at
+        if at is None:
+            raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
+        self._shm = ShmTier(at, self._opts)
+        self._tier: Tier = self._shm if self._next is None else Stacked(self._shm, self._next)
 
     def _count(self, counter: str) -> None:
         """A counter of the tier behind the table (stats()), bumped under the table lock."""
@@ -139,8 +207,7 @@ class Group:
 
     def _use(self, at: Attachment) -> None:
         self._at, self.mode = at, at.table.mode  # the table's mode: what every process makes objects with
-        self._shm = ShmTier(at, self._opts)
-        self._tier: Tier = self._shm if self._next is None else Stacked(self._shm, self._next)
+        self._use_view()
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -155,9 +222,10 @@ class Group:
         return f"<mpflight.Group {self.name!r} {state}>"
 
     def close(self) -> None:
-        """Detach from the table (it stays for the other processes; ``unlink`` removes it)."""
+        """Detach from the table (it stays for the other processes; ``unlink`` removes it). A handle
+        made by ``with_options`` only stops taking calls: the handle it came from owns the table."""
         at, self._at = self._at, None
-        if at is None:
+        if at is None or self._parent is not None:
             return
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -258,6 +326,15 @@ class Group:
     def _housekeeping(self, at: Attachment) -> None:
         """At most once per interval: follow the name to a new table (stuck calls are the reaper's)."""
         registry.start_reaper()
+        parent = self._parent
+        if parent is not None:  # a with_options view follows its handle
+            if parent._at is None:
+                raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
+            if parent._at is at:
+                parent._housekeeping(at)
+            self._at = parent._at
+            self._use_view()
+            return
         if "table-identity" in _faults.DISABLED:
             at.checked = time.monotonic()
             return
@@ -324,6 +401,34 @@ class Group:
         waiters still wait on (they would notice within their check interval).
         """
         return _housekeeping.reclaim(self._table())
+
+
+def _takeovers(on_abort: object, takeovers: object) -> int:
+    """The takeover budget that on_abort and takeovers ask for (0: "raise")."""
+    if on_abort not in ("raise", "retry"):
+        raise ValueError(f'on_abort must be "raise" or "retry", not {on_abort!r}')
+    if takeovers is None:
+        return 1 if on_abort == "retry" else 0
+    if type(takeovers) is not int or not 0 <= takeovers <= MAX_TAKEOVERS:
+        raise ValueError(f"takeovers must be an int from 0 to {MAX_TAKEOVERS}, not {takeovers!r}")
+    if on_abort == "raise" and takeovers:
+        raise ValueError('takeovers is a budget of on_abort="retry"; on_abort="raise" takes none over')
+    return takeovers
+
+
+def _linger(linger: Any) -> float:
+    if type(linger) in (int, float) and linger == 0:
+        return 0.0
+    value = seconds("linger", linger)
+    if value > MAX_LINGER:
+        raise ValueError(f"linger must be at most {MAX_LINGER} s (it is a short reuse, not a cache)")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
 
 
 def coalesce(

@@ -97,10 +97,11 @@ class InflightCall:
 
 
 def stats(t: Table) -> Stats:
-    """The table's counters, summed over every process, and calls = runs + joins + fallbacks."""
+    """The table's counters, summed over every process, and
+    calls = runs - takeovers + joins + linger_hits + fallbacks."""
     values = t.peek(lambda: t.counters.tolist() + t.tier_counters.tolist())
     c = dict(zip(COUNTER_NAMES + TIER_COUNTER_NAMES, values, strict=True))
-    c["calls"] = c["runs"] + c["joins"] + c["fallbacks"]
+    c["calls"] = c["runs"] - c["takeovers"] + c["joins"] + c["linger_hits"] + c["fallbacks"]
     return Stats(c)
 
 

@@ -27,7 +27,7 @@ from typing import Final
 MAGIC: Final = b"MPFLIGHT"
 # Bumped whenever any byte below changes meaning; part of every OS object name (see _locks.object_name),
 # so that two versions of the library running side by side use two tables.
-LAYOUT_VERSION: Final = 3
+LAYOUT_VERSION: Final = 4
 
 DEFAULT_SLOTS: Final = 1024
 # Bounds a table to 64 MiB of slots: far more calls in flight at once than one machine runs.
@@ -53,17 +53,31 @@ H_CREATED: Final = 52  # epoch seconds
 H_NAME: Final = 60  # the group's name, UTF-8, H_NAME_LEN bytes used
 H_NONCE: Final = 124  # u32, random, chosen by the initializer: part of the names of the table's segments
 H_COUNTERS: Final = 128  # COUNTERS.size bytes of u64 counters
-COUNTERS: Final = struct.Struct("<8Q")
-COUNTER_NAMES: Final = ("runs", "joins", "shared", "errors", "aborts", "timeouts", "fallbacks", "wait_ns")
-C_RUNS, C_JOINS, C_SHARED, C_ERRORS, C_ABORTS, C_TIMEOUTS, C_FALLBACKS, C_WAIT_NS = range(8)
+COUNTERS: Final = struct.Struct("<10Q")
+COUNTER_NAMES: Final = (
+    "runs", "joins", "shared", "errors", "aborts", "timeouts", "fallbacks", "wait_ns", "takeovers",
+    "linger_hits",
+)  # fmt: skip
+(
+    C_RUNS,
+    C_JOINS,
+    C_SHARED,
+    C_ERRORS,
+    C_ABORTS,
+    C_TIMEOUTS,
+    C_FALLBACKS,
+    C_WAIT_NS,
+    C_TAKEOVERS,
+    C_LINGER_HITS,
+) = range(10)
 # Set to 1 by each holder of the table lock on entry and back to 0 on a clean exit. The kernel drops a
 # dead holder's lock, but not this byte: the next holder that finds it set repairs the table.
-H_DIRTY: Final = 192
+H_DIRTY: Final = 208
 # u32: the permission bits the table was made with, written once by the initializer. What is enforced is
 # the table file's own st_mode and st_gid (read with fstat on attach); this records what was asked.
-H_MODE: Final = 196
+H_MODE: Final = 212
 # u64 counters of the tier behind the table (mpflight._tier), summed over its processes on this host.
-H_TIER_COUNTERS: Final = 200
+H_TIER_COUNTERS: Final = 216
 TIER_COUNTERS: Final = struct.Struct("<5Q")
 TIER_COUNTER_NAMES: Final = (
     "remote_owners", "remote_joins", "remote_fallbacks", "remote_fenced", "remote_not_shared",
@@ -77,13 +91,15 @@ class SlotState(enum.IntEnum):
     """A slot's state, one byte in the state map. FREE must be 0: free slots are found with bytes.find."""
 
     FREE = 0  # no call; every other field is stale
-    RUNNING = 1  # the owner runs fn; joinable unless forgotten
+    RUNNING = 1  # the owner runs fn, joinable unless forgotten (owner pid 0: vacant, a waiter takes it over)
     COMPLETING = 2  # fn returned; the owner writes the outcome; no longer joinable
-    DONE = 3  # the outcome is published; the registered waiters read it; the last one frees the slot
+    DONE = 3  # the outcome is published; the registered waiters read it; the last one frees the slot,
+    # unless it lingers (S_LINGER): then the next caller after it expires, housekeeping or a full table
 
 
 # Slot flags.
-JOINABLE: Final = 1  # RUNNING and not forgotten: new callers of the key join this call
+JOINABLE: Final = 1  # not forgotten: new callers of the key join this call (RUNNING), or read its lingering
+# outcome (COMPLETING and DONE, when the call lingers; else the flag is cleared when fn returns)
 
 # Key kinds: the key's type is part of its identity. DIGEST is added when the key is longer than
 # KEY_CAP: the slot then holds the SHA-256 of kind byte + key, followed by the key's first bytes
@@ -116,6 +132,7 @@ S_STARTED: Final = 48  # f64: epoch seconds when the call began
 S_BLOCKED_GEN: Final = 56  # u64: generation of the slot the owner's thread waits on
 S_KEY_KIND: Final = 64  # u8: KEY_*
 S_PAYLOAD_AT: Final = 65  # u8: PAYLOAD_*, where the published payload is
+S_TAKEOVERS: Final = 66  # u16: how many times one of the call's waiters took it over from a gone owner
 S_PAYLOAD_LEN: Final = 68  # u32: bytes of the payload, inline or in the segment
 S_KEY_LEN: Final = 72  # u64: length of the full encoded key
 # u64, random and nonzero, 0 until the slot's first waiter: names the slot's wake-up semaphore
@@ -136,16 +153,20 @@ S_TIER_LEN: Final = 80  # u8: how many of the TIER_CAP bytes at S_TIER hold the 
 # inflight() and handed to the tier's hook when the call is aborted or freed.
 S_TIER: Final = 104
 TIER_CAP: Final = 56
-S_KEY: Final = 160
+# u64: CLOCK_MONOTONIC nanoseconds until which the call's published outcome lingers (0: it does not).
+# Written under the lock when the outcome is published (never while fn runs), 0 again when a forget ends
+# the linger; the clock is the machine's, so every process compares it alike.
+S_LINGER: Final = 160
+S_KEY: Final = 168
 KEY_CAP: Final = 256
 S_PAYLOAD: Final = S_KEY + KEY_CAP
 # Results up to this many bytes (encoded) travel inside the slot; a 1 KiB value with its msgpack framing
 # fits, so the common small-to-medium result never costs a segment.
-PAYLOAD_CAP: Final = 1632
+PAYLOAD_CAP: Final = 1624
 SLOT_SIZE: Final = S_PAYLOAD + PAYLOAD_CAP
 U32S: Final = SLOT_SIZE // 4  # a slot's length in u32 (Table.u32s) and u64 (Table.u64s) units
 U64S: Final = SLOT_SIZE // 8
-assert SLOT.size <= S_SEM_TOKEN and S_SEGMENT_TOKEN + 8 <= S_TIER and S_TIER + TIER_CAP <= S_KEY
+assert SLOT.size <= S_SEM_TOKEN and S_SEGMENT_TOKEN + 8 <= S_TIER and S_TIER + TIER_CAP <= S_LINGER < S_KEY
 
 # The one way a slot's numeric fields are read and written: slot i's u32 field is
 # ``table.u32s[i * U32S + I_FIELD]``, its u64 field ``table.u64s[i * U64S + Q_FIELD]`` (the byte
@@ -164,6 +185,7 @@ I_PAYLOAD_LEN: Final = S_PAYLOAD_LEN // 4
 Q_KEY_LEN: Final = S_KEY_LEN // 8
 Q_SEM_TOKEN: Final = S_SEM_TOKEN // 8
 Q_SEGMENT_TOKEN: Final = S_SEGMENT_TOKEN // 8
+Q_LINGER: Final = S_LINGER // 8
 
 # Waiter record: one per registered waiter, written by that waiter under the lock before its byte in
 # the record map is set; the byte is the commit. Slot waiter counts are derived from these, so a
@@ -175,8 +197,10 @@ R_START: Final = 8
 R_TID: Final = 16
 R_GEN: Final = 24
 R_SINCE: Final = 32
+# u32 beside the record's fields: the waiter's takeover budget (0: on_abort="raise"), written with them.
+R_TAKEOVERS: Final = 40
 RECORD_SIZE: Final = 48
-assert RECORD.size <= RECORD_SIZE
+assert RECORD.size <= R_TAKEOVERS and R_TAKEOVERS + 4 <= RECORD_SIZE
 
 
 def _align(n: int) -> int:

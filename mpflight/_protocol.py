@@ -54,6 +54,7 @@ from ._errors import (
     RemoteError,
     SegmentFull,
     SerializationError,
+    WaitTimeout,
     short_key,
 )
 from ._layout import (
@@ -61,8 +62,10 @@ from ._layout import (
     C_ERRORS,
     C_FALLBACKS,
     C_JOINS,
+    C_LINGER_HITS,
     C_RUNS,
     C_SHARED,
+    C_TAKEOVERS,
     C_TIMEOUTS,
     C_WAIT_NS,
     DIGEST_SIZE,
@@ -85,13 +88,16 @@ from ._layout import (
     PAYLOAD_SEGMENT,
     Q_BLOCKED_GEN,
     Q_KEY_LEN,
+    Q_LINGER,
     Q_OWNER_START,
     Q_OWNER_TID,
+    R_TAKEOVERS,
     RECORD,
     S_KEY,
     S_KEY_KIND,
     S_PAYLOAD,
     S_PAYLOAD_AT,
+    S_TAKEOVERS,
     S_TIER,
     S_TIER_LEN,
     SLOT,
@@ -141,6 +147,19 @@ class Options:
     check_interval: float
     codec: _codec.Codec | None
     max_result_bytes: int
+    takeovers: int = 0  # on_abort="retry": how many times a waiter may take a call over; 0: "raise"
+    linger: float = 0.0  # seconds a published outcome stays for callers that arrive after it
+    linger_errors: bool = False  # fn's exceptions linger too (aborts never do)
+
+    @property
+    def linger_ns(self) -> int:
+        return int(self.linger * 1e9)
+
+
+class RunHere(Exception):
+    """Raised by an entry's ``wait``: the caller owns its call from now on and runs fn (``own``) as an
+    owner does, for itself and whoever waits on it: it took over the call of an owner that is gone, or
+    the next tier cannot serve it (it is unreachable, or its outcome is not shared with this host)."""
 
 
 def key_identity(key: object) -> tuple[int, bytes, bytes]:
@@ -193,8 +212,50 @@ def _held(ref: weakref.ref[Call] | None) -> bool:
     return ref is not None and ref() is not None
 
 
-def _table_lock_timeout(opts: Options) -> TimeoutError:
-    return TimeoutError(f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}")
+def _table_lock_timeout(opts: Options) -> WaitTimeout:
+    return WaitTimeout(
+        f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}", None, opts.timeout
+    )
+
+
+_warned_uncarried: set[tuple[str, str]] = set()  # (group, what): this process warned once
+
+
+def encode_outcome(
+    value: object, error: BaseException | None, codec: _codec.Codec | None, limit: int, key: str | bytes,
+    group: str,
+) -> bytes:  # fmt: skip
+    """fn's outcome as the payload its waiters read: its value, its exception, or an abort when fn left
+    by KeyboardInterrupt or SystemExit. A value that cannot be carried, or a payload over ``limit``,
+    becomes the SerializationError every waiter raises, naming the key, the type and the remedy; the
+    owner logs the first of each kind once per group."""
+    if error is None:
+        try:
+            payload = _codec.pack_value(value, codec)
+        except SerializationError as e:
+            what = f"type {type(value).__name__}"
+            payload = _not_carried(
+                group, what, f"the value of key {short_key(key)} cannot be carried to the other processes: "
+                f"{e}; register a codec for it (mpflight.Codec.register) or return a carried type",
+            )  # fmt: skip
+    elif isinstance(error, Exception):
+        payload = _codec.pack_error(error, codec)
+    else:
+        payload = _codec.pack_abort(f"the owner left fn with {type(error).__name__}")
+    if len(payload) > limit:
+        kind = type(value if error is None else error).__name__
+        payload = _not_carried(
+            group, "size", f"the outcome of key {short_key(key)} ({kind}, {len(payload)} bytes encoded) "
+            f"exceeds max_result_bytes ({limit}); raise max_result_bytes",
+        )  # fmt: skip
+    return payload
+
+
+def _not_carried(group: str, what: str, message: str) -> bytes:
+    if (group, what) not in _warned_uncarried:
+        _warned_uncarried.add((group, what))
+        log.warning("mpflight group %r: %s (the waiters get a SerializationError)", group, message)
+    return _codec.pack_not_carried(message)
 
 
 class Finisher(Protocol):
@@ -224,7 +285,7 @@ class Call:
     under the table lock.
     """
 
-    __slots__ = ("__weakref__", "deadline", "gen", "index", "opts", "pending", "record", "t")
+    __slots__ = ("__weakref__", "deadline", "gen", "hit", "index", "opts", "pending", "record", "seen", "t")
 
     t: Table
     opts: Options  # the handle's: its name, timeout, codec, bounds
@@ -233,6 +294,8 @@ class Call:
     gen: int
     record: int
     pending: bool  # a transition of this call was handed to the reaper: it ends the call, not recover
+    seen: int  # a waiter's: the call's takeovers when it joined (a later one may end its wait)
+    hit: bool  # a waiter's: it reads a lingering outcome (a linger hit), not one it waited for
 
     @classmethod
     def of(cls, t: Table, index: int, gen: int, record: int = -1) -> Call:
@@ -246,6 +309,7 @@ class Call:
             None,
             False,
         )
+        call.seen, call.hit = 0, False
         return call
 
     # -- entering: claim or join ----------------------------------------------------------------------
@@ -321,8 +385,10 @@ class Call:
                 _codec.pack_abort(f"the owner could not publish: {ascii(e)[:200]}")
             )
             if not isinstance(e, Exception):
-                self.publish(where, length, deadline)
+                self.publish(where, length, deadline, False)
                 raise
+            self.publish(where, length, deadline, False)
+            return True
         self.publish(where, length, deadline)
         return True
 
@@ -335,17 +401,32 @@ class Call:
             # Aborted under us (we were taken for dead): nobody waits for us.
             t.owners.pop((index, gen), None)
             return None
+        opts = self.opts
         if error is not None:
-            t.bump(C_ERRORS if isinstance(error, Exception) else C_ABORTS)
-        if not t.u32s[index * U32S + I_JOINS]:
-            self._free()
-            return None
-        self._unjoin()
+            if not isinstance(error, Exception):  # fn left by KeyboardInterrupt, SystemExit: an abort
+                if self._takers():
+                    self._vacate(f"the owner left fn with {type(error).__name__}")
+                    return None
+                t.bump(C_ABORTS)
+            else:
+                t.bump(C_ERRORS)
+        # Lingers: the outcome stays for callers that come after it (unless the call was forgotten).
+        lingers = (
+            opts.linger > 0
+            and t.u32s[index * U32S + I_FLAGS] & JOINABLE
+            and (error is None or (opts.linger_errors and isinstance(error, Exception)))
+        )
+        if not lingers:
+            if not t.u32s[index * U32S + I_JOINS]:
+                self._free()
+                return None
+            self._unjoin()
         t.states[index] = COMPLETING
         local = t.local.get((index, gen))
         if local is not None:
             local.value, local.error, local.filled = value, error, True
-        return self._waiters() - self._local_waiters()
+        remote = self._waiters() - self._local_waiters()
+        return max(remote, 1) if lingers else remote  # a lingering outcome is written for later callers
 
     def _local_waiters(self) -> int:
         """Under the lock: the registered waiters of this call that are threads of this process,
@@ -363,21 +444,10 @@ class Call:
     def _write_outcome(self, value: object, error: BaseException | None) -> tuple[int, int]:
         """Outside the lock, in COMPLETING (the payload area is the owner's): encode the outcome into
         a payload, inline in the slot or in a segment. Returns (where, length)."""
-        opts = self.opts
-        if error is None:
-            try:
-                payload = _codec.pack_value(value, opts.codec)
-            except SerializationError as e:
-                payload = _codec.pack_not_carried(str(e))
-        elif isinstance(error, Exception):
-            payload = _codec.pack_error(error, opts.codec)
-        else:
-            payload = _codec.pack_abort(f"owner left fn with {type(error).__name__}")
-        if len(payload) > opts.max_result_bytes:
-            payload = _codec.pack_not_carried(
-                f"result of {len(payload)} bytes exceeds max_result_bytes ({opts.max_result_bytes})"
-            )
-        t = self.t
+        opts, t = self.opts, self.t
+        off = t.slot_off(self.index)
+        key = slot_key(t.mm[off : off + SLOT_SIZE])[0]
+        payload = encode_outcome(value, error, opts.codec, opts.max_result_bytes, key, opts.name)
         if len(payload) <= PAYLOAD_CAP:
             if _faults.FAULT == "result":
                 self._write_inline(payload[: len(payload) // 2])
@@ -400,25 +470,28 @@ class Call:
         self.t.mm[off : off + len(payload)] = payload
         return PAYLOAD_INLINE, len(payload)
 
-    def publish(self, where: int, length: int, deadline: float | None) -> None:
+    def publish(self, where: int, length: int, deadline: float | None, outcome: bool = True) -> None:
         """Mark the outcome DONE and wake the waiters (in the reaper when the lock is not free by the
-        deadline: the owner's caller has its outcome already)."""
+        deadline: the owner's caller has its outcome already). ``outcome`` False: an abort written in
+        place of the outcome, which never lingers."""
         t = self.t
         try:
-            waiters = t.locked(self._publishing, where, length, deadline=deadline)
+            waiters = t.locked(self._publishing, where, length, outcome, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(self.publish, where, length, None))
+            t.defer(functools.partial(self.publish, where, length, None, outcome))
             return
         if waiters:
             self._post(waiters)
         t.owners.pop((self.index, self.gen), None)  # woken: an exception before leaves it to recover
 
-    def _publishing(self, where: int, length: int) -> int:
+    def _publishing(self, where: int, length: int, outcome: bool = True) -> int:
         """Under the lock: the payload is in place; DONE. Returns how many waiters to wake.
 
-        The claim stays registered until its waiters are woken (publish): an exception before DONE
-        leaves it to recover, which aborts it; one after, which wakes them."""
+        A call still joinable here lingers (its owner kept it so in _finishing): its outcome stays,
+        for ``linger`` seconds from now, for the callers that come after it. The claim stays
+        registered until its waiters are woken (publish): an exception before DONE leaves it to
+        recover, which aborts it; one after, which wakes them."""
         t, index = self.t, self.index
         if t.u64s[index * U64S] != self.gen or t.states[index] != COMPLETING:
             # Freed by a repair or taken for dead and aborted meanwhile: the slot is not ours.
@@ -428,12 +501,25 @@ class Call:
             return 0
         t.mm[t.slot_off(index) + S_PAYLOAD_AT] = where
         t.u32s[index * U32S + I_PAYLOAD_LEN] = length
+        if t.u32s[index * U32S + I_FLAGS] & JOINABLE:
+            if outcome and where != PAYLOAD_LOCAL:
+                t.u64s[index * U64S + Q_LINGER] = time.monotonic_ns() + self.opts.linger_ns
+            else:
+                self._unjoin()
         t.states[index] = DONE
         _faults.reached("publish")
         waiters = self._waiters()
-        if waiters == 0:
+        if waiters == 0 and not self._lingering():
             self._free_and_unlink()
         return waiters
+
+    def _lingering(self) -> bool:
+        """Under the lock, of a DONE call: whether its outcome lingers still."""
+        t, index = self.t, self.index
+        return (
+            bool(t.u32s[index * U32S + I_FLAGS] & JOINABLE)
+            and t.u64s[index * U64S + Q_LINGER] > time.monotonic_ns()
+        )
 
     def _post(self, times: int) -> None:
         if _faults.FAULT == "woken" and times > 1:
@@ -479,18 +565,17 @@ class Call:
         """Wait for the outcome, then read it and leave the call.
 
         ``detached`` is asked after every slice of waiting: True makes this caller leave (Detached).
-        Whatever this raises, ``recover`` drops the record.
+        When the owner is gone and this waiter may take the call over (on_abort="retry"), it becomes
+        the call's owner (RunHere); one that may not gets AbortError. Whatever this raises,
+        ``recover`` drops the record (or ends the claim it took over).
         """
         t, index, gen, deadline, opts = self.t, self.index, self.gen, self.deadline, self.opts
         began = time.monotonic()
         owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
         interval = opts.check_interval
         check_at = began + interval
+        u32s, mm, off = t.u32s, t.mm, t.slot_off(index)
         while True:
-            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-            t.sems.wait(index, wait)
-            if detached is not None and detached():
-                raise Detached
             state = t.states[index]
             if state == DONE and t.gen(index) == gen:
                 break
@@ -499,7 +584,20 @@ class Call:
             if state > DONE:
                 raise DamagedTable(opts.name, f"slot {index} state {state}")
             now = time.monotonic()
-            if now >= check_at:
+            if state == RUNNING and (
+                u32s[index * U32S + I_OWNER_PID] != owner[0]
+                or mm[off + S_TAKEOVERS] | mm[off + S_TAKEOVERS + 1] << 8 != self.seen
+            ):
+                # The owner is gone and the call vacant, or one of its waiters took it over.
+                try:
+                    watch = t.locked(self._looking, key, began, deadline=deadline)
+                except LockTimeout:
+                    watch = owner  # looked at again on the next slice
+                if watch is None:
+                    raise RunHere(f"took over the call of key {short_key(key)}")
+                owner = watch
+                check_at = now + interval
+            elif now >= check_at:
                 check_at = now + interval
                 if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
                     with contextlib.suppress(LockTimeout):
@@ -515,8 +613,77 @@ class Call:
                     done = False
                 if done:
                     break
-                raise TimeoutError(f"gave up waiting {opts.timeout} s for the call of key {short_key(key)}")
-        return self._read(key, owner, began)
+                raise WaitTimeout(
+                    f"gave up waiting {opts.timeout} s for the call of key {short_key(key)}",
+                    key,
+                    opts.timeout,
+                )
+            wait = interval if deadline is None else min(interval, deadline - now)
+            t.sems.wait(index, wait)
+            if detached is not None and detached():
+                raise Detached
+        return self._read(key, began)
+
+    def _looking(self, key: str | bytes, began: float) -> tuple[int, int] | None:
+        """Under the lock: the call's owner changed since this waiter last looked. None: this waiter
+        took the call over (it owns it now); else the owner to watch from now on. AbortError when
+        this waiter may not take it over (its budget is spent, or on_abort="raise"): it left."""
+        t, index = self.t, self.index
+        base, off = index * U32S, t.slot_off(index)
+        owner = (t.u32s[base + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
+        if t.gen(index) != self.gen or t.states[index] != RUNNING or t.rmap[self.record] != 1:
+            return owner  # published, lost or left meanwhile: the wait loop sees which
+        taken = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little")
+        budget = self.opts.takeovers
+        if owner[0] == 0 and budget > taken:
+            self._taking(began)
+            return None
+        if owner[0] != 0 and taken <= budget:
+            self.seen = taken  # taken over within this waiter's budget: it waits for the new owner
+            return owner
+        reason = self._vacancy_reason()
+        self._leaving(began)
+        raise AbortError(key, owner[0], reason, taken)
+
+    def _vacancy_reason(self) -> str:
+        """Under the lock, of a RUNNING call that was vacated: why its owner went (kept in the payload
+        area, which is nobody's while the call runs)."""
+        t, index = self.t, self.index
+        off = t.slot_off(index) + S_PAYLOAD
+        length = min(t.u32s[index * U32S + I_PAYLOAD_LEN], PAYLOAD_CAP)
+        try:
+            _codec.unpack(bytes(t.mm[off : off + length]), None, key="", owner_pid=0)
+        except AbortError as e:
+            return e.reason
+        except MPFlightError:
+            pass
+        return "the owner is gone"
+
+    def _taking(self, began: float) -> None:
+        """Under the lock: this waiter takes the vacant call over: its record becomes the claim."""
+        t, index, gen, record = self.t, self.index, self.gen, self.record
+        base, off = index * U32S, t.slot_off(index)
+        pid, start = _owner.identity()
+        t.u32s[base + I_OWNER_PID] = pid
+        t.u64s[index * U64S + Q_OWNER_START] = start
+        t.u64s[index * U64S + Q_OWNER_TID] = threading.get_ident()
+        t.u32s[base + I_BLOCKED_SLOT] = 0
+        taken = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little") + 1
+        t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2] = min(taken, 0xFFFF).to_bytes(2, "little")
+        t.owners[index, gen] = weakref.ref(self)  # the claim, registered before the record goes
+        _faults.reached("take")
+        t.rmap[record] = 0
+        t.readers.pop(record, None)
+        t.u32s[base + I_WAITERS] = max(t.u32s[base + I_WAITERS] - 1, 0)
+        self.record = -1
+        _set_blocked(t, 0, 0)
+        t.bump(C_WAIT_NS, int((time.monotonic() - began) * 1e9))
+        t.bump(C_TAKEOVERS)
+        t.bump(C_RUNS)
+        if (index, gen) not in t.local:
+            t.local[index, gen] = LocalCall()  # threads of this process may wait on it now
+        log.info("mpflight table %r: took over the call of key %s (takeover %d)", t.group,
+                 short_key(slot_key(t.mm[off : off + SLOT_SIZE])[0]), taken)  # fmt: skip
 
     def _giving_up(self, began: float) -> bool:
         """Under the lock: the waiter's time ran out; True if the outcome came meanwhile (read it)."""
@@ -528,10 +695,13 @@ class Call:
             t.bump(C_TIMEOUTS)
         return False
 
-    def _read(self, key: str | bytes, owner: tuple[int, int], began: float) -> Result[Any]:
+    def _read(self, key: str | bytes, began: float) -> Result[Any]:
         """Take the published outcome, then leave the call; the last reader frees the slot."""
         t, index, deadline, opts = self.t, self.index, self.deadline, self.opts
         off = t.slot_off(index)
+        # The owner that published (a DONE slot's owner fields are fixed): who took it over, if anyone.
+        owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
+        taken = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little")
         where = t.mm[off + S_PAYLOAD_AT]
         length = t.u32s[index * U32S + I_PAYLOAD_LEN]
         local = t.local.get((index, self.gen)) if owner == _owner.identity() else None
@@ -544,7 +714,7 @@ class Call:
                     return Result(local.value, True)
                 if isinstance(local.error, Exception):
                     raise local.error
-                raise AbortError(key, owner[0], f"owner left fn with {type(local.error).__name__}")
+                raise AbortError(key, owner[0], f"the owner left fn with {type(local.error).__name__}", taken)
             if where == PAYLOAD_INLINE and length <= PAYLOAD_CAP:
                 payload = bytes(t.mm[off + S_PAYLOAD : off + S_PAYLOAD + length])
                 return Result(_codec.unpack(payload, opts.codec, key=key, owner_pid=owner[0]), True)
@@ -553,10 +723,16 @@ class Call:
                     value = _codec.unpack(view, opts.codec, key=key, owner_pid=owner[0])
                 return Result(value, True)
             raise CorruptSlot(opts.name, index, f"outcome location {where}")
+        except AbortError as e:
+            served = False
+            if taken and not e.takeovers:
+                raise AbortError(key, owner[0], e.reason, taken) from None
+            raise
         except MPFlightError as e:
             served = isinstance(e, RemoteError)
             raise
         finally:
+            served = served and not self.hit
             try:
                 t.locked(self._leaving, began, served, deadline=deadline)
             except LockTimeout:  # the outcome is ours already: leave in the background
@@ -584,8 +760,11 @@ class Call:
             return
         waiters = t.u32s[index * U32S + I_WAITERS] - 1
         t.u32s[index * U32S + I_WAITERS] = max(waiters, 0)
-        if waiters <= 0 and t.states[index] == DONE:
+        state = t.states[index]
+        if waiters <= 0 and state == DONE and not self._lingering():
             self._free_and_unlink()
+        elif state == RUNNING and t.u32s[index * U32S + I_OWNER_PID] == 0 and not self._takers():
+            self._end_vacancy()  # the last waiter that could take the call over left
 
     # -- anyone: abort, free --------------------------------------------------------------------------
 
@@ -595,21 +774,37 @@ class Call:
         state = t.states[index]
         if t.gen(index) != gen or state not in (RUNNING, COMPLETING):
             return
+        if state == RUNNING and t.u32s[index * U32S + I_OWNER_PID] == 0:
+            return  # vacant already: a waiter takes it over, or the last that could ends it
+        if self._takers():
+            self._vacate(reason)
+            return
         off = t.slot_off(index)
         pid = t.u32s[index * U32S + I_OWNER_PID]
         key = slot_key(t.mm[off : off + SLOT_SIZE])[0]
         log.warning("mpflight table %r: call of key %s (owner %d) aborted: %s", t.group, short_key(key),
                     pid, reason)  # fmt: skip
-        self._unjoin()
         _faults.reached("abort")
+        self._write_abort(reason)
+        t.owners.pop((index, gen), None)  # after DONE: an exception before leaves it registered
+        t.bump(C_ABORTS)
+        self._tell_tier("abort", reason)
+        self._publish_abort(state)
+
+    def _write_abort(self, reason: str) -> None:
+        """Under the lock: an abort for ``reason`` in the slot's payload area."""
+        t, index = self.t, self.index
+        off = t.slot_off(index)
         payload = _codec.pack_abort(reason)
         t.mm[off + S_PAYLOAD : off + S_PAYLOAD + len(payload)] = payload
         t.mm[off + S_PAYLOAD_AT] = PAYLOAD_INLINE
         t.u32s[index * U32S + I_PAYLOAD_LEN] = len(payload)
+
+    def _publish_abort(self, state: int) -> None:
+        """Under the lock: the abort in the payload area is the call's outcome: DONE, waiters woken."""
+        t, index = self.t, self.index
+        self._unjoin()
         t.states[index] = DONE
-        t.owners.pop((index, gen), None)  # after DONE: an exception before leaves it registered
-        t.bump(C_ABORTS)
-        self._tell_tier("abort", reason)
         if state == COMPLETING:  # an owner may die while writing one; it named it in the slot first
             unlink_segment(t.segment(index))
         waiters = self._waiters()
@@ -618,19 +813,66 @@ class Call:
         else:
             t.sems.post(index, waiters)
 
+    # -- takeover: a waiter becomes the owner of a call whose owner is gone --------------------------------
+
+    def _takers(self) -> bool:
+        """Under the lock: whether a waiter of the call may take it over (its budget is not spent)."""
+        t, index, gen = self.t, self.index, self.gen
+        off = t.slot_off(index)
+        taken = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little")
+        base, end, mm = t.geo.record_map, t.geo.record_map + t.records, t.mm
+        r = mm.find(b"\1", base, end)
+        while r >= 0:
+            at = t.geo.record(r - base)
+            _, slot, _, _, rgen, _ = RECORD.unpack_from(mm, at)
+            budget = int.from_bytes(mm[at + R_TAKEOVERS : at + R_TAKEOVERS + 4], "little")
+            if (slot, rgen) == (index, gen) and budget > taken:
+                return True
+            r = mm.find(b"\1", r + 1, end)
+        return False
+
+    def _vacate(self, reason: str) -> None:
+        """Under the lock: the owner is gone and a waiter may take the call over: the call runs on,
+        vacant (owner pid 0), and its waiters are woken to look; the first that may takes it. The
+        reason waits in the payload area for the waiters that may not."""
+        t, index, gen = self.t, self.index, self.gen
+        state, base, off = t.states[index], index * U32S, t.slot_off(index)
+        log.warning("mpflight table %r: the owner (pid %d) of the call of key %s is gone (%s): a waiter "
+                    "takes it over", t.group, t.u32s[base + I_OWNER_PID],
+                    short_key(slot_key(t.mm[off : off + SLOT_SIZE])[0]), reason)  # fmt: skip
+        self._write_abort(reason)
+        t.u32s[base + I_OWNER_PID] = 0
+        t.u64s[index * U64S + Q_OWNER_START] = 0
+        t.u64s[index * U64S + Q_OWNER_TID] = 0
+        t.u32s[base + I_BLOCKED_SLOT] = 0
+        if state == COMPLETING:  # the gone owner may have named a segment; the next owner makes its own
+            unlink_segment(t.segment(index))
+        t.states[index] = RUNNING
+        _faults.reached("vacate")
+        t.owners.pop((index, gen), None)
+        t.bump(C_ABORTS)
+        self._tell_tier("abort", reason)
+        t.mm[off + S_TIER_LEN] = 0  # the next owner notes its own
+        t.sems.post(index, max(self._waiters(), 1))
+
+    def _end_vacancy(self) -> None:
+        """Under the lock: a vacant call that no waiter may take over any more ends with its abort."""
+        self._publish_abort(RUNNING)
+
     def _free(self) -> str | None:
         """Under the lock: make the slot FREE. Returns its segment's name to unlink, if it has one."""
         t, index = self.t, self.index
         off = t.geo.slot_base + index * SLOT_SIZE
-        if t.states[index] == RUNNING:
-            # _unjoin, inline (most calls end here): one joinable call fewer has this home.
-            u32s, base = t.u32s, index * U32S
-            if u32s[base + I_FLAGS] & JOINABLE:
-                home, homes = u32s[base + I_HOME], t.homes
-                if home < t.slots and homes[home]:
-                    homes[home] -= 1
-                else:
-                    t.damaged = True  # only damage gets here; the table is repaired
+        # _unjoin, inline (most calls end here): one joinable call fewer has this home.
+        u32s, base = t.u32s, index * U32S
+        flags = u32s[base + I_FLAGS]
+        if flags & JOINABLE:
+            u32s[base + I_FLAGS] = flags & ~JOINABLE
+            home, homes = u32s[base + I_HOME], t.homes
+            if home < t.slots and homes[home]:
+                homes[home] -= 1
+            else:
+                t.damaged = True  # only damage gets here; the table is repaired
         if t.mm[off + S_TIER_LEN]:
             self._tell_tier("free", "")
             t.mm[off + S_TIER_LEN] = 0
@@ -691,6 +933,11 @@ def _entering(
     pid, start = _owner._identity or _owner.identity()
     if t.homes[home]:  # a joinable call has this home: maybe the key's
         index = _find(t, kind, stored, len(raw), home)
+        if index >= 0 and t.states[index] == DONE:  # a lingering outcome, or one whose linger ended
+            if t.u64s[index * U64S + Q_LINGER] > time.monotonic_ns():
+                return _linger_hit(call, index, pid, start, tid)
+            _end_linger(t, index)
+            index = -1
         if index >= 0:
             try:
                 gen = _try_join(call, index, key, pid, start, tid, blocking)
@@ -706,6 +953,8 @@ def _entering(
     index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
     if index < 0:
         index = t.mm.find(b"\0", state_map, state_map + home)
+        if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
+            index = t.mm.find(b"\0", state_map, state_map + t.slots)
         if index < 0:
             t.bump(C_FALLBACKS)
             return "slots"
@@ -744,7 +993,7 @@ def _find(t: Table, kind: int, stored: bytes, key_len: int, home: int) -> int:
     slot_base = t.geo.slot_base
     i = home
     for _ in range(slots):
-        if states[i] == RUNNING:
+        if states[i]:  # RUNNING, or COMPLETING and DONE when the call lingers
             base = i * U32S
             if u32s[base + I_HOME] == home and u32s[base + I_FLAGS] & JOINABLE:
                 off = slot_base + i * SLOT_SIZE
@@ -777,7 +1026,9 @@ def _try_join(
     gen = t.gen(index)
     owner = t.u32s[index * U32S + I_OWNER_PID]
     found = Call.of(t, index, gen)
-    if owner == pid:
+    if owner == 0:
+        pass  # vacant: a waiter takes it over, this caller maybe (its wait looks first)
+    elif owner == pid:
         # This process's pid: our call only if the start time is ours too (else the pid was reused after
         # its owner died), and only while somebody in this process is responsible for it (else the
         # thread that claimed it left without ending it, or died).
@@ -806,8 +1057,12 @@ def _try_join(
         return _NO_RECORD
     r -= t.geo.record_map
     t.sems.ensure(index)  # the slot's semaphore, made by its first waiter; raises having written nothing
-    RECORD.pack_into(t.mm, t.geo.record(r), pid, index, start, tid, gen, time.time())
+    at = t.geo.record(r)
+    RECORD.pack_into(t.mm, at, pid, index, start, tid, gen, time.time())
+    t.mm[at + R_TAKEOVERS : at + R_TAKEOVERS + 4] = call.opts.takeovers.to_bytes(4, "little")
     call.index, call.gen, call.record = index, gen, r
+    off = t.slot_off(index)
+    call.seen = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little")
     t.readers[r] = weakref.ref(call)
     t.rmap[r] = 1
     _faults.reached("join")
@@ -820,6 +1075,66 @@ def _try_join(
     if blocking:
         _set_blocked(t, index + 1, gen)
     return gen
+
+
+def _linger_hit(call: Call, index: int, pid: int, start: int, tid: int) -> int | str:
+    """Under the lock: register as a reader of the lingering outcome in ``index`` (its record keeps
+    the slot, and its segment, until this caller has read it). JOIN; "waiter records" when none is free."""
+    t = call.t
+    r = t.mm.find(b"\0", t.geo.record_map, t.geo.record_map + t.records)
+    if r < 0:
+        t.bump(C_FALLBACKS)
+        return "waiter records"
+    r -= t.geo.record_map
+    gen = t.gen(index)
+    at = t.geo.record(r)
+    RECORD.pack_into(t.mm, at, pid, index, start, tid, gen, time.time())
+    t.mm[at + R_TAKEOVERS : at + R_TAKEOVERS + 4] = bytes(4)
+    call.index, call.gen, call.record, call.hit = index, gen, r, True
+    t.readers[r] = weakref.ref(call)
+    t.rmap[r] = 1
+    t.u32s[index * U32S + I_WAITERS] += 1
+    t.bump(C_LINGER_HITS)
+    return JOIN
+
+
+def _end_linger(t: Table, index: int) -> None:
+    """Under the lock: the DONE call in ``index`` lingers no more (it expired, or was forgotten): no new
+    caller reads it, and it is freed now unless a reader still reads it (the last one frees it)."""
+    call = Call.of(t, index, t.gen(index))
+    call._unjoin()
+    t.u64s[index * U64S + Q_LINGER] = 0
+    if call._waiters() == 0:
+        call._free_and_unlink()
+
+
+def _lingering_slots(t: Table) -> list[int]:
+    """Under the lock: the DONE slots whose call was kept to linger (expired or not)."""
+    found, states, u32s, u64s = [], t.states, t.u32s, t.u64s
+    state_map, mm = t.geo.state_map, t.mm
+    index = mm.find(b"\3", state_map, state_map + t.slots)
+    while index >= 0:
+        index -= state_map
+        if (
+            states[index] == DONE
+            and u64s[index * U64S + Q_LINGER]
+            and u32s[index * U32S + I_FLAGS] & JOINABLE
+        ):
+            found.append(index)
+        index = mm.find(b"\3", state_map + index + 1, state_map + t.slots)
+    return found
+
+
+def _evict_lingering(t: Table) -> bool:
+    """Under the lock, with no slot free: free a lingering outcome nobody reads now, an expired one
+    first, else the one that expires soonest. Whether one was freed."""
+    now = time.monotonic_ns()
+    idle = [i for i in _lingering_slots(t) if t.u32s[i * U32S + I_WAITERS] == 0]
+    if not idle:
+        return False
+    victim = min(idle, key=lambda i: (t.u64s[i * U64S + Q_LINGER] > now, t.u64s[i * U64S + Q_LINGER]))
+    _end_linger(t, victim)
+    return True
 
 
 def _set_blocked(t: Table, slot_plus_one: int, gen: int) -> None:
@@ -866,7 +1181,9 @@ def forget(t: Table, key: object) -> None:
 def _forgetting(t: Table, kind: int, raw: bytes, stored: bytes, home: int) -> None:
     if t.homes[home]:
         index = _find(t, kind, stored, len(raw), home)
-        if index >= 0:
+        if index >= 0 and t.states[index] == DONE:
+            _end_linger(t, index)  # a lingering outcome ends at once
+        elif index >= 0:
             Call.of(t, index, t.gen(index))._unjoin()
 
 
@@ -952,8 +1269,9 @@ def end_unregistered(t: Table) -> tuple[int, int]:
 
 def abort_dead(call: Call) -> bool:
     """Under the lock: abort ``call`` if it is still unpublished (gc found its owner dead)."""
-    if not call.ours():
-        return False
+    t, index = call.t, call.index
+    if not call.ours() or t.u32s[index * U32S + I_OWNER_PID] == 0:
+        return False  # published meanwhile, or vacant (a waiter takes it over, or the last ends it)
     call._aborting("owner died")
     return True
 

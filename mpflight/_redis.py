@@ -45,11 +45,10 @@ from types import TracebackType
 from typing import Any, Final
 
 from . import _codec, _faults, _protocol
-from ._errors import AbortError, CorruptPayload, MPFlightError, TierUnavailable
+from ._errors import AbortError, CorruptPayload, MPFlightError, TierUnavailable, WaitTimeout
 from ._layout import TIER_CAP
-from ._protocol import ALONE, JOIN, MAX_RESULT_BYTES, OWN, Detached, Options, Result, key_identity
+from ._protocol import ALONE, JOIN, MAX_RESULT_BYTES, OWN, Detached, Options, Result, RunHere, key_identity
 from ._registry import seconds
-from ._tier import RunHere
 
 log = logging.getLogger("mpflight")
 
@@ -731,15 +730,10 @@ class RedisEntry:
         self.done = True
         tier = self.tier
         tier.let_go(self, ended=True)
-        if error is None:
-            try:
-                payload = _codec.pack_value(value, tier.opts.codec)
-            except Exception as e:  # not carried here either: the waiters get the same error
-                payload = _codec.pack_not_carried(f"{type(e).__name__}: {e}")
-        elif isinstance(error, Exception):
-            payload = _codec.pack_error(error, tier.opts.codec)
-        else:
-            payload = _codec.pack_abort(f"the owner left fn by {type(error).__name__}")
+        opts = tier.opts
+        payload = _protocol.encode_outcome(
+            value, error, opts.codec, opts.max_result_bytes, self.key, opts.name
+        )
         kind = _PAYLOAD
         if len(payload) > tier.max_remote_bytes:
             tier.count("remote_not_shared")
@@ -788,9 +782,10 @@ class RedisEntry:
         tier = self.tier
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
-            raise TimeoutError(
-                f"gave up waiting {tier.opts.timeout} s for key {key!r} (owner on host {self.owner_host})"
-            )
+            raise WaitTimeout(
+                f"gave up waiting {tier.opts.timeout} s for key {key!r} (owner on host {self.owner_host})",
+                key, tier.opts.timeout,
+            )  # fmt: skip
         if detached is not None and detached():
             raise Detached
         if registered is not None:  # the reader reads and watches the lease: wake for the caller only

@@ -30,7 +30,6 @@ from ._layout import (
     H_TIER_COUNTERS,
     HEADER,
     HEADER_SIZE,
-    I_FLAGS,
     I_JOINS,
     I_PAYLOAD_LEN,
     I_WAITERS,
@@ -45,6 +44,7 @@ from ._layout import (
     PAYLOAD_NONE,
     PAYLOAD_SEGMENT,
     Q_GEN,
+    Q_LINGER,
     Q_SEGMENT_TOKEN,
     Q_SEM_TOKEN,
     RECORD,
@@ -409,7 +409,8 @@ class Table:
         """Under the lock, after a holder died inside it: rebuild every derived field from primary ones.
 
         Primary: the state map, each slot's fixed fields, the record map and each record. Derived: home
-        counts, waiter counts, DONE slots nobody reads any more. Anything out of bounds is dropped.
+        counts, waiter counts, DONE slots nobody reads any more (and whose linger is over). Anything out
+        of bounds is dropped.
         """
         log.warning(
             "mpflight table %r: a process died holding its lock, or it was damaged; repairing", self.group
@@ -419,6 +420,7 @@ class Table:
     def reconcile(self) -> None:
         """Under the lock: recompute what is derived (the repair; also what gc runs, quietly)."""
         slots, mm, states = self.slots, self.mm, self.states
+        now = time.monotonic_ns()
         counts = [0] * slots
         for r in range(self.records):
             if self.rmap[r] == 0:
@@ -452,14 +454,13 @@ class Table:
                 continue
             self.u32s[i * U32S + I_WAITERS] = counts[i]
             self.u32s[i * U32S + I_JOINS] = max(joins, counts[i])
-            if state == DONE and counts[i] == 0:
-                states[i] = FREE
+            lingers = flags & JOINABLE and self.u64s[i * U64S + Q_LINGER] > now
+            if state == DONE and counts[i] == 0 and not lingers:
+                states[i] = FREE  # read by all, or its linger is over
                 if where == PAYLOAD_SEGMENT:
                     unlink.append(self.segment(i))
-            elif state == RUNNING and flags & JOINABLE:
+            elif flags & JOINABLE:  # running, or (completing, done) kept to linger
                 homes[home] += 1
-            elif state != RUNNING:
-                self.u32s[i * U32S + I_FLAGS] = flags & ~JOINABLE
         for i in range(slots):
             self.homes[i] = homes[i]
         for name in unlink:

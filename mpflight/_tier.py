@@ -28,8 +28,8 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from . import _protocol
-from ._errors import AbortError
-from ._protocol import ALONE, JOIN, OWN, Call, Options, Result
+from ._errors import AbortError, WaitTimeout
+from ._protocol import ALONE, JOIN, OWN, Call, Options, Result, RunHere
 from ._registry import Attachment, Inside
 
 log = logging.getLogger("mpflight")
@@ -171,7 +171,8 @@ class ShmTier:
     def caller(self, deadline: float | None) -> ShmCaller:
         c = ShmCaller()
         c.at, c.t, c.opts, c.deadline = self.at, self.table, self.opts, deadline
-        c.pending = c.handed = False
+        c.pending = c.handed = c.hit = False
+        c.seen = 0
         return c
 
 
@@ -222,15 +223,9 @@ class Stacked:
         return StackedCaller(self.shm.caller(deadline), self.next, deadline)
 
 
-class RunHere(Exception):
-    """Raised by an entry's ``wait``: the call cannot be waited on (the next tier is unreachable, or
-    its outcome is not shared with this host): the caller owns its call from now on, and runs fn
-    (``own``) as an owner does, for itself and whoever waits on it."""
-
-
 # What a relay that waited in the next tier publishes to the table's waiters when its own wait ends
 # without the call's outcome: an abort, not fn's exception (fn raised nothing).
-_NOT_AN_OUTCOME = (TimeoutError, AbortError)
+_NOT_AN_OUTCOME = (WaitTimeout, AbortError)
 
 
 class StackedCaller:
@@ -316,7 +311,7 @@ class StackedCaller:
             # The table's call is this caller's to run after all: it owns there, not in the next tier.
             self.relay, self.remote_role = False, ALONE
             raise
-        except (_protocol.Detached, TimeoutError):
+        except (_protocol.Detached, WaitTimeout):
             # This caller leaves (it detached, or its own deadline passed); the table's other waiters,
             # whose deadlines are theirs, still get the outcome: relay on for them.
             if not self.relaying:

@@ -29,6 +29,7 @@ def test_public_names() -> None:
         "Result",
         "SerializationError",
         "TierUnavailable",
+        "WaitTimeout",
         "coalesce",
         "fence",
         "tables",

@@ -31,6 +31,6 @@ def test_quick_benchmark_produces_every_table(tmp_path: Path) -> None:
     assert results["w2"]["mpflight/8"]["executions_per_round"] >= 1
     assert results["w5"]["mpflight"]["outcomes"]
     assert results["w6"]["executions_per_round"] >= 1  # redis-server is there: the tests need it
-    assert not [e for e in os.listdir("/dev/shm") if e.startswith(("mpf3@bench-", "mpfbench"))], (
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(("mpf4@bench-", "mpfbench"))], (
         "bench cleans up"
     )

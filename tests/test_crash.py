@@ -108,7 +108,7 @@ def test_without_the_owner_check_waiters_of_a_dead_owner_hang(name: str, tmp_pat
         gate.open()
         assert waiter.wait(DEADLINE) == 0
         proc.join(DEADLINE)
-        assert outcome(out)["kind"] == "TimeoutError"
+        assert outcome(out)["kind"] == "WaitTimeout"
         wait_until(lambda: group.inflight() == [], "the dead call, nobody's now, to be reclaimed")
 
 
@@ -128,7 +128,7 @@ def test_check_interval_is_a_group_option(name: str, tmp_path: Path) -> None:
 # -- identity: zombies, reused pids, clock steps, pid namespaces -----------------------------------
 
 
-@pytest.mark.parametrize(("disabled", "expected"), [("", "AbortError"), ("zombie-check", "TimeoutError")])
+@pytest.mark.parametrize(("disabled", "expected"), [("", "AbortError"), ("zombie-check", "WaitTimeout")])
 def test_a_zombie_owner_is_dead(name: str, tmp_path: Path, disabled: str, expected: str) -> None:
     """The owner exits inside fn and its parent (this test) does not reap it until the end."""
     gate = Gate(tmp_path)
@@ -156,7 +156,7 @@ def test_a_zombie_owner_is_dead(name: str, tmp_path: Path, disabled: str, expect
         assert group.inflight() == []
 
 
-@pytest.mark.parametrize(("disabled", "expected"), [("", "AbortError"), ("start-time", "TimeoutError")])
+@pytest.mark.parametrize(("disabled", "expected"), [("", "AbortError"), ("start-time", "WaitTimeout")])
 def test_a_reused_pid_is_not_the_owner(name: str, tmp_path: Path, disabled: str, expected: str) -> None:
     """The slot names a live process with the owner's pid but another start time: a recycled pid."""
     proc, gate, _ = remote_owner(name, "k", "value", tmp_path)
@@ -533,7 +533,7 @@ def _cycle(name: str, mine: str, other: str, gate: str, runs: str, out: str, tim
     Path(out).write_text(json.dumps(result))
 
 
-@pytest.mark.parametrize(("disabled", "expected"), [("", "DeadlockError"), ("cycle-check", "TimeoutError")])
+@pytest.mark.parametrize(("disabled", "expected"), [("", "DeadlockError"), ("cycle-check", "WaitTimeout")])
 def test_a_cross_process_cycle_is_refused(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disabled: str, expected: str
 ) -> None:

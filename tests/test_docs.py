@@ -54,8 +54,8 @@ def test_slot_table_matches_the_code() -> None:
     assert [o for o, _ in rows] == [
         _layout.S_GEN, _layout.S_HOME, _layout.S_FLAGS, _layout.S_WAITERS, _layout.S_JOINS, _layout.S_OWNER_PID,
         _layout.S_BLOCKED_SLOT, _layout.S_OWNER_START, _layout.S_OWNER_TID, _layout.S_STARTED,
-        _layout.S_BLOCKED_GEN, _layout.S_KEY_KIND, _layout.S_PAYLOAD_AT, _layout.S_PAYLOAD_LEN,
-        _layout.S_KEY_LEN, _layout.S_TIER_LEN, _layout.S_SEM_TOKEN, _layout.S_SEGMENT_TOKEN, _layout.S_TIER, _layout.S_KEY,
+        _layout.S_BLOCKED_GEN, _layout.S_KEY_KIND, _layout.S_PAYLOAD_AT, _layout.S_TAKEOVERS, _layout.S_PAYLOAD_LEN,
+        _layout.S_KEY_LEN, _layout.S_TIER_LEN, _layout.S_SEM_TOKEN, _layout.S_SEGMENT_TOKEN, _layout.S_TIER, _layout.S_LINGER, _layout.S_KEY,
         _layout.S_PAYLOAD,
     ]  # fmt: skip
     assert rows[-2:] == [(_layout.S_KEY, _layout.KEY_CAP), (_layout.S_PAYLOAD, _layout.PAYLOAD_CAP)]

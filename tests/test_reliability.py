@@ -100,7 +100,7 @@ def test_a_stopped_lock_holder_cannot_keep_a_timed_call(name: str, tmp_path: Pat
             return
         out, _ = caller.communicate(timeout=DEADLINE)
         [(kind, elapsed)] = json.loads(out)
-        assert kind == "TimeoutError"
+        assert kind == "WaitTimeout"
         assert elapsed < DEADLINE  # it did not wait for the holder, which never lets go
         attach = child(
             f"import mpflight\ntry:\n mpflight.Group({name!r}, timeout=1)\nexcept TimeoutError: print('timeout')"

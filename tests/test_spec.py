@@ -92,10 +92,11 @@ def started(*callers: Caller) -> list[Caller]:
 
 def assert_counters(
     group: mpflight.Group, *, runs: int = 0, joins: int = 0, shared: int = 0, errors: int = 0,
-    aborts: int = 0, timeouts: int = 0, fallbacks: int = 0,
+    aborts: int = 0, timeouts: int = 0, fallbacks: int = 0, takeovers: int = 0, linger_hits: int = 0,
 ) -> None:  # fmt: skip
-    """stats() is exactly these counts (the ones not named are 0), calls = runs + joins + fallbacks,
-    and wait_ns has moved if and only if somebody waited."""
+    """stats() is exactly these counts (the ones not named are 0),
+    calls = runs - takeovers + joins + linger_hits + fallbacks, and wait_ns has moved if and only if
+    somebody waited."""
     stats = dict(group.stats())
     wait_ns = stats.pop("wait_ns")
     assert stats == {
@@ -106,7 +107,9 @@ def assert_counters(
         "aborts": aborts,
         "timeouts": timeouts,
         "fallbacks": fallbacks,
-        "calls": runs + joins + fallbacks,
+        "takeovers": takeovers,
+        "linger_hits": linger_hits,
+        "calls": runs - takeovers + joins + linger_hits + fallbacks,
         **dict.fromkeys(TIER_COUNTER_NAMES, 0),  # no tier behind the table
     }
     assert (wait_ns > 0) == (joins > 0), wait_ns

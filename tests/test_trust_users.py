@@ -119,7 +119,7 @@ def test_a_table_made_by_another_user_is_refused(
     ctx = mp_context("fork")
     joined, refused = ctx.Event(), ctx.Event()
     attacker = Child(ATTACKER, _attacker_owns_config, name, joined, refused)
-    path = f"/dev/shm/mpf3@{name}"
+    path = f"/dev/shm/mpf4@{name}"
     wait_until(lambda: os.path.exists(path) and os.stat(path).st_size > 0, "the attacker's table")
     wait_until(lambda: "config" in _keys_in(path), "the attacker's call")
     if disabled:
@@ -159,9 +159,9 @@ def test_a_squatted_name_is_refused_empty_or_copied(name: str, contents: str) ->
         other = f"{name}-model"
         with mpflight.Group(other) as model:
             assert model.do("config", lambda: "x") == "x"
-        data = Path(f"/dev/shm/mpf3@{other}").read_bytes()
+        data = Path(f"/dev/shm/mpf4@{other}").read_bytes()
         mpflight.unlink(other)
-    path = f"/dev/shm/mpf3@{name}"
+    path = f"/dev/shm/mpf4@{name}"
     assert _as(ATTACKER, _attacker_writes, path, data) == ("ok", None)
     with pytest.raises(mpflight.AccessDenied, match=f"uid {ATTACKER}"):
         mpflight.Group(name)
@@ -217,7 +217,7 @@ def test_read_without_write_is_refused(name: str, mode: int) -> None:
 def test_a_table_whose_mode_lets_readers_lock_is_refused(name: str) -> None:
     """A table chmod-ed (or made by an older mpflight) to 0o644 is refused on attach."""
     mpflight.Group(name).close()
-    os.chmod(f"/dev/shm/mpf3@{name}", 0o644)
+    os.chmod(f"/dev/shm/mpf4@{name}", 0o644)
     with pytest.raises(mpflight.AccessDenied, match="read access alone"):
         mpflight.Group(name)
 
@@ -229,7 +229,7 @@ def test_without_the_mode_check_a_reader_holds_the_lock(name: str, monkeypatch: 
     ctx = mp_context("fork")
     locked, release = ctx.Event(), ctx.Event()
     with mpflight.Group(name, mode=0o644) as group:
-        attacker = Child(ATTACKER, _hold_lock_read_only, f"/dev/shm/mpf3@{name}", locked, release)
+        attacker = Child(ATTACKER, _hold_lock_read_only, f"/dev/shm/mpf4@{name}", locked, release)
         assert locked.wait(DEADLINE)
         with pytest.raises(BlockingIOError):
             fcntl.flock(group._table().file.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -397,7 +397,7 @@ def test_every_process_uses_the_tables_mode_and_group(
     mechanism, the member makes them with its own 0o600 and its own group."""
     _disable(monkeypatch, disabled)
     mpflight.Group(name, mode=0o660, slots=1).close()
-    os.chown(f"/dev/shm/mpf3@{name}", -1, SHARED)
+    os.chown(f"/dev/shm/mpf4@{name}", -1, SHARED)
     seen: list[tuple[int, int, int]] = []
     real = _table.map_segment
 
@@ -461,7 +461,7 @@ def test_root_makes_its_objects_with_the_tables_group(name: str) -> None:
     """Root (primary group 0) owns a large result for a member of SHARED: the segment carries 0o660
     and SHARED, so the member accepts it."""
     mpflight.Group(name, mode=0o660, slots=1).close()
-    os.chown(f"/dev/shm/mpf3@{name}", -1, SHARED)
+    os.chown(f"/dev/shm/mpf4@{name}", -1, SHARED)
     with mpflight.Group(name) as group:
         gate = threading.Event()
         owner = threading.Thread(target=group.do, args=("k", lambda: (gate.wait(DEADLINE), BIG)[1]))
@@ -534,7 +534,7 @@ def test_a_full_dev_shm_is_a_clear_error(tmp_path: Path, disabled: str) -> None:
     assert got["records"] == 0 and got["waiters"] == 0, got
     if disabled:
         assert got["joiner"][0] == "OSError", got
-        assert got["left"] == ["mpf3@full2"], got
+        assert got["left"] == ["mpf4@full2"], got
         return
     assert got["joiner"][0] == "NoSpace" and "cannot create semaphore" in got["joiner"][1], got
     assert got["create"][0] == "NoSpace" and "cannot reserve" in got["create"][1], got
@@ -554,8 +554,8 @@ def _cli(*args: str, disabled: str = "") -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def empty_table(name: str) -> str:
-    posix_ipc.SharedMemory(f"/mpf3@{name}", posix_ipc.O_CREX, mode=0o600).close_fd()
-    return f"/dev/shm/mpf3@{name}"
+    posix_ipc.SharedMemory(f"/mpf4@{name}", posix_ipc.O_CREX, mode=0o600).close_fd()
+    return f"/dev/shm/mpf4@{name}"
 
 
 @pytest.mark.parametrize("disabled", ["", "no-init"])

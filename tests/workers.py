@@ -234,6 +234,23 @@ def call(name: str, key: str, gate: str, runs: str, out: str, value: object = "v
     Path(out).write_text(json.dumps(outcome))
 
 
+def retry(name: str, key: str, gate: str, runs: str, out: str, factory: str = "value", options: str = "{}") -> None:
+    """Call key with on_abort="retry" (fn held by the gate, then FACTORIES[factory]); write
+    {"value", "shared", "pid"}, or {"type", "message", "takeovers", "owner_died", "pid"}, to out."""
+    arm()
+    with mpflight.Group(name, on_abort="retry", **json.loads(options)) as group:
+        try:
+            res = group.do_ex(key, held_factory, gate, runs, factory)
+            outcome: dict[str, object] = {"value": describe(res.value), "shared": res.shared}
+        except mpflight.AbortError as e:
+            outcome = {"type": "AbortError", "message": str(e), "takeovers": e.takeovers,
+                       "owner_died": e.owner_died}  # fmt: skip
+        except Exception as e:
+            outcome = {"type": type(e).__name__, "message": str(e)}
+    outcome["pid"] = os.getpid()
+    Path(out).write_text(json.dumps(outcome))
+
+
 def gc(name: str, out: str) -> None:
     arm()
     with mpflight.Group(name) as group:
@@ -257,6 +274,7 @@ def main(argv: list[str]) -> None:
         "calls": calls,
         "check": check,
         "gc": gc,
+        "retry": retry,
     }
     commands[argv[0]](*argv[1:])
 

@@ -7,7 +7,7 @@ state, writes garbage over it, and then uses every part of the API on it:
   process), then owns the call for HELD, held open; a thread of A and processes B1, B2 wait on it;
 * the calls for SMALL (fn raised: the outcome is inline) and BIG (a value in a result segment) are
   DONE, each with one registered reader (R_small, R_big) stopped by SIGSTOP before it read;
-* the runner writes garbage through its own mapping of ``/mpf3@NAME``: header fields (counters, dirty
+* the runner writes garbage through its own mapping of ``/mpf4@NAME``: header fields (counters, dirty
   byte, geometry), state map, record map, home counts, slot fields, key and result areas (the msgpack
   payload of a published outcome), waiter records, runs of random bytes anywhere, or BIG's segment;
 * then new processes attach and use the API (N: inflight, stats, gc, tables, forget, do on colliding
