@@ -140,9 +140,13 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
 def _inflight_rows(calls: list[InflightCall], now: float, style: _Style) -> list[list[str]]:
     rows = [["KEY", "OWNER", "ALIVE", "AGE", "WAITERS", "STATE", "RESULT"]]
     for c in calls:
-        alive = "yes" if c.owner_alive else style.red("DEAD")
+        alive = "yes" if c.owner_alive else "-" if c.state in ("vacant", "lingering") else style.red("DEAD")
         age = human_seconds(max(0.0, now - c.started))
         state = c.state
+        if c.linger_left is not None:
+            state += f" ({human_seconds(c.linger_left)} left)"
+        if c.takeovers:
+            state += f", taken over {c.takeovers}x"
         tier = parse_note(c.tier)
         if tier is not None:  # the cross-host tier's part in the call
             state += ", owns in redis" if tier["role"] == "owner" else f", waits on {tier['owner_host']}"
@@ -164,6 +168,8 @@ def _call_json(c: InflightCall, now: float) -> dict[str, object]:
         "waiters": c.waiters,
         "state": c.state,
         "result_bytes": c.result_bytes,
+        "takeovers": c.takeovers,
+        "linger_left_s": None if c.linger_left is None else round(c.linger_left, 6),
         **({"tier_hex": c.tier.hex()} if c.tier else {}),  # the state a tier behind the table keeps
         **({"tier": parse_note(c.tier)} if parse_note(c.tier) else {}),  # the cross-host tier's, read
     }

@@ -21,11 +21,13 @@ from ._layout import (
     COUNTER_NAMES,
     HEADER,
     I_OWNER_PID,
+    JOINABLE,
     MAGIC,
     PAYLOAD_INLINE,
     PAYLOAD_SEGMENT,
     Q_OWNER_START,
     RECORD,
+    S_LINGER,
     SLOT,
     SLOT_SIZE,
     TIER_COUNTER_NAMES,
@@ -88,12 +90,16 @@ class InflightCall:
     owner_pid: int
     started: float  # epoch seconds
     waiters: int
-    state: str  # "running", "completing" (fn returned, outcome being written) or "done" (being read)
+    # "running"; "vacant" (its owner is gone and a waiter takes it over); "completing" (fn returned, the
+    # outcome is being written); "done" (being read); "lingering" (published, kept for later callers)
+    state: str
     owner_alive: bool
     result_bytes: int | None  # size of the encoded outcome once published
     key_complete: bool
     waiter_pids: tuple[int, ...] = ()  # the process of each registered waiter (one per waiting thread)
     tier: bytes = b""  # what the tier behind the table keeps of the call (mpflight._tier), if any
+    takeovers: int = 0  # how many times a waiter took the call over from an owner that was gone
+    linger_left: float | None = None  # a lingering outcome's seconds left; None when it does not linger
 
 
 def stats(t: Table) -> Stats:
@@ -114,23 +120,32 @@ def inflight(t: Table) -> list[InflightCall]:
         by_call.setdefault((slot, gen), []).append(pid)
     calls = []
     names = {RUNNING: "running", COMPLETING: "completing", DONE: "done"}
+    now_ns = time.monotonic_ns()
     for index, state, slot in copies:
-        gen, _, _, waiters, _, pid, _, start, _, started, _, _, where, _, length, _, _ = SLOT.unpack_from(
-            slot
+        gen, _, flags, waiters, _, pid, _, start, _, started, _, _, where, taken, length, _, _ = (
+            SLOT.unpack_from(slot)
         )
         key, complete = slot_key(slot)
+        name, left = names[state], None
+        until = int.from_bytes(slot[S_LINGER : S_LINGER + 8], "little")
+        if state == DONE and flags & JOINABLE and until > now_ns:
+            name, left = "lingering", (until - now_ns) / 1e9
+        elif state == RUNNING and pid == 0:
+            name = "vacant"
         calls.append(
             InflightCall(
                 key=key,
                 owner_pid=pid,
                 started=started,
                 waiters=waiters,
-                state=names[state],
-                owner_alive=(pid, start) == _owner.identity() or _owner.is_alive(pid, start),
+                state=name,
+                owner_alive=pid != 0 and ((pid, start) == _owner.identity() or _owner.is_alive(pid, start)),
                 result_bytes=length if where in (PAYLOAD_INLINE, PAYLOAD_SEGMENT) and state == DONE else None,
                 key_complete=complete,
                 waiter_pids=tuple(sorted(by_call.get((index, gen), ()))),
                 tier=tier_bytes(slot),
+                takeovers=taken,
+                linger_left=left,
             )
         )
     calls.sort(key=lambda c: c.started)

@@ -84,7 +84,8 @@ def test_inspect_json(busy_table: dict[str, Any]) -> None:
     assert set(calls) == {"held", b"dead\x00\xff"}  # the dead reader's outcome is reclaimed
     assert calls["held"] | {"age_s": 0, "started": 0} == {
         "key": "held", "key_complete": True, "owner_pid": busy_table["held_pid"], "owner_alive": True,
-        "started": 0, "age_s": 0, "waiters": 1, "state": "running", "result_bytes": None,
+        "started": 0, "age_s": 0, "waiters": 1, "state": "running", "result_bytes": None, "takeovers": 0,
+        "linger_left_s": None,
     }  # fmt: skip
     assert calls[b"dead\x00\xff"]["owner_alive"] is False
     assert calls[b"dead\x00\xff"]["owner_pid"] == busy_table["dead_pid"]

@@ -234,7 +234,9 @@ def call(name: str, key: str, gate: str, runs: str, out: str, value: object = "v
     Path(out).write_text(json.dumps(outcome))
 
 
-def retry(name: str, key: str, gate: str, runs: str, out: str, factory: str = "value", options: str = "{}") -> None:
+def retry(
+    name: str, key: str, gate: str, runs: str, out: str, factory: str = "value", options: str = "{}"
+) -> None:
     """Call key with on_abort="retry" (fn held by the gate, then FACTORIES[factory]); write
     {"value", "shared", "pid"}, or {"type", "message", "takeovers", "owner_died", "pid"}, to out."""
     arm()
