@@ -182,11 +182,11 @@ def reclaim(t: Table, *, idle_only: bool = False) -> Reclaimed:
             alive[pid, start] = _owner.is_alive(pid, start)
         return alive[pid, start]
 
-    dead_calls = [(i, gen) for i, gen, pid, start in owners if not live(pid, start)]
+    dead_calls = [(i, gen, pid, start) for i, gen, pid, start in owners if pid and not live(pid, start)]
     dead_waiters = [(r, rec) for r, rec in waiters if not live(rec[0], rec[2])]
     if idle_only:
         watched = {(rec[1], rec[4]) for _, rec in waiters if live(rec[0], rec[2])}
-        dead_calls = [call for call in dead_calls if call not in watched]
+        dead_calls = [call for call in dead_calls if call[:2] not in watched]
     if "dead-waiters" in _faults.DISABLED:
         dead_waiters = []
     reclaimed = t.locked(_reclaimed, t, dead_calls, dead_waiters)
@@ -209,13 +209,13 @@ def _survey(t: Table) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, 
 
 
 def _reclaimed(
-    t: Table, dead_calls: list[tuple[int, int]], dead_waiters: list[tuple[int, tuple[Any, ...]]]
+    t: Table, dead_calls: list[tuple[int, int, int, int]], dead_waiters: list[tuple[int, tuple[Any, ...]]]
 ) -> Reclaimed:
     """Under the lock: end what reclaim found dead, if it is still there, and what this process's
     callers left behind; then unlink the orphaned segments."""
     counts = {"calls": 0, "waiters": 0, "segments": 0}
-    for i, gen in dead_calls:
-        counts["calls"] += abort_dead(Call.of(t, i, gen))
+    for i, gen, pid, start in dead_calls:
+        counts["calls"] += abort_dead(Call.of(t, i, gen), (pid, start))
     for r, rec in dead_waiters:
         counts["waiters"] += drop_dead_record(Call.of(t, rec[1], rec[4], r), rec)
     if "recover" not in _faults.DISABLED:

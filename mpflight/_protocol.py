@@ -585,10 +585,12 @@ class Call:
                 raise DamagedTable(opts.name, f"slot {index} state {state}")
             now = time.monotonic()
             if state == RUNNING and (
-                u32s[index * U32S + I_OWNER_PID] != owner[0]
+                (pid := u32s[index * U32S + I_OWNER_PID]) != owner[0]
+                or pid == 0
                 or mm[off + S_TAKEOVERS] | mm[off + S_TAKEOVERS + 1] << 8 != self.seen
             ):
-                # The owner is gone and the call vacant, or one of its waiters took it over.
+                # The owner is gone and the call vacant (maybe since before this waiter joined), or one
+                # of its waiters took it over.
                 try:
                     watch = t.locked(self._looking, key, began, deadline=deadline)
                 except LockTimeout:
@@ -601,7 +603,7 @@ class Call:
                 check_at = now + interval
                 if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
                     with contextlib.suppress(LockTimeout):
-                        t.locked(self._aborting, "owner died", deadline=deadline)
+                        t.locked(self._aborting, "owner died", owner, deadline=deadline)
                     continue
                 if "table-identity" not in _faults.DISABLED and t.file.replaced():
                     t.replaced = True  # the next call of this process moves to the new table
@@ -768,11 +770,18 @@ class Call:
 
     # -- anyone: abort, free --------------------------------------------------------------------------
 
-    def _aborting(self, reason: str) -> None:
-        """Under the lock: end the call, whose owner is gone, with an abort for its waiters."""
+    def _aborting(self, reason: str, owner: tuple[int, int] | None = None) -> None:
+        """Under the lock: end the call, whose owner is gone, with an abort for its waiters. ``owner``:
+        the (pid, start) found gone, outside the lock; a call that has another owner now (one of its
+        waiters took it over meanwhile) is left alone."""
         t, index, gen = self.t, self.index, self.gen
         state = t.states[index]
         if t.gen(index) != gen or state not in (RUNNING, COMPLETING):
+            return
+        if owner is not None and owner != (
+            t.u32s[index * U32S + I_OWNER_PID],
+            t.u64s[index * U64S + Q_OWNER_START],
+        ):
             return
         if state == RUNNING and t.u32s[index * U32S + I_OWNER_PID] == 0:
             return  # vacant already: a waiter takes it over, or the last that could ends it
@@ -1267,12 +1276,13 @@ def end_unregistered(t: Table) -> tuple[int, int]:
     return calls, records
 
 
-def abort_dead(call: Call) -> bool:
-    """Under the lock: abort ``call`` if it is still unpublished (gc found its owner dead)."""
+def abort_dead(call: Call, owner: tuple[int, int]) -> bool:
+    """Under the lock: abort ``call`` if it is still unpublished and still ``owner``'s (gc found that
+    owner dead; since then, the call may have been published, vacated or taken over)."""
     t, index = call.t, call.index
-    if not call.ours() or t.u32s[index * U32S + I_OWNER_PID] == 0:
-        return False  # published meanwhile, or vacant (a waiter takes it over, or the last ends it)
-    call._aborting("owner died")
+    if not call.ours() or owner != (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START]):
+        return False
+    call._aborting("owner died", owner)
     return True
 
 
