@@ -11,6 +11,7 @@ logged MIN_CALLS calls. The killer's cadence is the only timing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -43,7 +44,7 @@ RUN_DEADLINE = 60.0
 EXCEPTION_KINDS = {
     "builtins.ValueError": "error",
     f"{mpflight.AbortError.__module__}.{mpflight.AbortError.__qualname__}": "abort",
-    "builtins.TimeoutError": "timeout",
+    f"{mpflight.WaitTimeout.__module__}.{mpflight.WaitTimeout.__qualname__}": "timeout",
 }
 OUTCOMES = ("value", "error", "abort", "timeout")
 
@@ -161,20 +162,30 @@ def _gc(group: mpflight.Group, into: dict[str, int]) -> None:
 
 @pytest.mark.chaos
 @pytest.mark.timeout(120)
-def test_kills_under_load_never_mix_keys_and_the_table_recovers(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_abort", ["raise", "retry"])
+def test_kills_under_load_never_mix_keys_and_the_table_recovers(
+    name: str, tmp_path: Path, on_abort: str
+) -> None:
+    """With on_abort="retry" the run also goes on until a kill has been taken over, and fn may run
+    at most once more per abort: executions <= runs, takeovers <= aborts."""
     began = time.monotonic()
     seed = random.randrange(2**32)
-    crew = Crew(name, tmp_path, random.Random(seed))
+    target = functools.partial(workers.chaos, on_abort=on_abort)
+    crew = Crew(name, tmp_path, random.Random(seed), target=target)
     kills = 0
     live_gc: dict[str, int] = {}
     with mpflight.Group(name) as group:
+
+        def taken_over() -> bool:
+            return on_abort == "raise" or group.stats()["takeovers"] > 0
+
         try:
             for _ in range(WORKERS):
                 crew.start()
             wait_until(lambda: all(w.ready() for w in crew.current), "every worker to start calling")
             end = time.monotonic() + RUN_DEADLINE
             tick = time.monotonic()
-            while kills < MIN_KILLS or crew.calls() < MIN_CALLS:
+            while kills < MIN_KILLS or crew.calls() < MIN_CALLS or not taken_over():
                 assert time.monotonic() < end, f"{kills} kills, {crew.calls()} calls in {RUN_DEADLINE} s"
                 tick = max(tick + KILL_EVERY, time.monotonic())
                 time.sleep(max(0.0, tick - time.monotonic()))
@@ -221,6 +232,11 @@ def test_kills_under_load_never_mix_keys_and_the_table_recovers(name: str, tmp_p
         print(f"drain: {json.dumps({'gc': drain_gc, 'stats': stats})}")
         assert stats["fallbacks"] == 0
         assert table_problems(group) == []
+        executions = sum(len(Path(f"{w.log}.runs").read_bytes()) for w in crew.everyone)
+        assert executions <= stats["runs"]  # a kill between the claim and fn's first line: one less
+        assert stats["takeovers"] <= stats["aborts"]  # at most one re-execution per abort
+        if on_abort == "raise":
+            assert stats["takeovers"] == 0
 
     # A fresh process runs fn itself on every key: no call of the chaos is left joinable.
     out = tmp_path / "fresh.json"

@@ -161,7 +161,7 @@ def test_a_spent_budget_ends_in_abort_error(name: str, tmp_path: Path, budget: i
 def test_a_caller_whose_time_runs_out_during_a_takeover_gets_wait_timeout(name: str, tmp_path: Path) -> None:
     """Two waiters with a short timeout: one takes over and runs fn (an owner is not bound by it), the
     other's time runs out while it waits for the new owner: WaitTimeout, never a hang."""
-    owner, gate, _ = remote_owner(name, "k", "sigkill", tmp_path)
+    _owner, gate, _ = remote_owner(name, "k", "sigkill", tmp_path)
     again = Gate(tmp_path, "again")
     herd = Waiters(name, "k", tmp_path, gate.runs, again, timeout=2.0)
     herd.start("spawn")

@@ -308,22 +308,30 @@ def _type_name(e: BaseException) -> str:
     return f"{type(e).__module__}.{type(e).__qualname__}"
 
 
-def chaos(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
+def _chaos_counted(fd: int, key: str, rng: random.Random) -> str:
+    """_chaos_fn, each execution first counted by a byte appended to fd."""
+    os.write(fd, b"x")
+    return _chaos_fn(key, rng)
+
+
+def chaos(name: str, log: str, seed: int, stop: str, timeout: float, on_abort: str = "raise") -> None:
     """Call CHAOS_KEYS at random until the stop file exists; append one JSON line per finished call to log.
 
     The log is created once the group is attached (the test kills only workers that got that far).
     Each line goes out in one write on an O_APPEND descriptor: a SIGKILL can tear at most the last one.
+    Every execution of fn appends a byte to LOG.runs first.
     """
     arm()
     rng = random.Random(seed)
-    with mpflight.Group(name, timeout=timeout) as group:
+    with mpflight.Group(name, timeout=timeout, on_abort=on_abort) as group:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        runs = os.open(log + ".runs", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             while not os.path.exists(stop):
                 key = rng.choice(CHAOS_KEYS)
                 line: dict[str, object] = {"key": key}
                 try:
-                    value, shared = group.do_ex(key, _chaos_fn, key, rng)
+                    value, shared = group.do_ex(key, _chaos_counted, runs, key, rng)
                     line.update(kind="value", value=value, shared=shared)
                 except Exception as e:
                     line.update(kind="error", type=_type_name(e), args=[repr(a) for a in e.args])
@@ -336,6 +344,7 @@ def chaos(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
                     raise RuntimeError(f"short write to {log}")
         finally:
             os.close(fd)
+            os.close(runs)
 
 
 def chaos_interrupted(name: str, log: str, seed: int, stop: str, timeout: float) -> None:
