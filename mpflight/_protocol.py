@@ -390,7 +390,9 @@ class Call:
             self.publish(where, length, deadline, False)
             return True
         self.publish(where, length, deadline)
-        return True
+        # Whether anybody joined the call (a lingering outcome is published with nobody waiting yet):
+        # the count only grows until DONE, and a linger hit does not count.
+        return bool(t.u32s[self.index * U32S + I_JOINS])
 
     def _finishing(self, value: object, error: BaseException | None) -> int | None:
         """Under the lock: end the run. None when nobody joined (the slot is FREE again) or the call is

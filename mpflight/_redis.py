@@ -78,9 +78,14 @@ _FENCING: Final = "fencing" not in _faults.DISABLED  # the test switch (mpflight
 # large for Redis: every host runs fn itself).
 _PAYLOAD, _NOT_SHARED = b"p", b"n"
 
+# KEYS: lease, fence, last; ARGV: token, host, pid, lease ms, fence ttl ms, identity, the streams' prefix
 _ENTER: Final = """
 local t = redis.call('HGET', KEYS[1], 't')
 if not t then
+  local lt, lf, lh, lp, lk = unpack(redis.call('HMGET', KEYS[3], 't', 'f', 'h', 'p', 'k'))
+  if lt and lk == ARGV[6] and redis.call('EXISTS', ARGV[7] .. lt) == 1 then  -- a lingering outcome
+    return {4, lt, lf, lh, lp, redis.call('PTTL', KEYS[3])}
+  end
   local f = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('HSET', KEYS[1], 't', ARGV[1], 'f', f, 'h', ARGV[2], 'p', ARGV[3], 'k', ARGV[6])
@@ -94,8 +99,8 @@ redis.call('HSET', KEYS[1], 'w:' .. ARGV[1], 1)
 return {2, t, f, h, p, redis.call('PTTL', KEYS[1])}
 """
 
-# KEYS: lease, forgotten lease, stream; ARGV: token, kind, payload, ttl ms, fence, host, pid, sig,
-# fencing (1), the streams' prefix
+# KEYS: lease, forgotten lease, stream, last; ARGV: token, kind, payload, ttl ms, fence, host, pid, sig,
+# fencing (1), the streams' prefix, linger ms (0: the outcome does not linger)
 _FINISH: Final = """
 local lease, stream = KEYS[1], KEYS[3]
 if ARGV[9] == '0' then  -- the test switch "fencing" off: publish to whichever call is current
@@ -106,11 +111,18 @@ elseif redis.call('HGET', lease, 't') ~= ARGV[1] then
   if redis.call('HGET', lease, 't') ~= ARGV[1] then return -1 end
 end
 local joins = redis.call('HLEN', lease) - 5  -- t, f, h, p, k; every other field is a waiter's
+local k = redis.call('HGET', lease, 'k')
 redis.call('DEL', lease)
-if joins > 0 then
+local linger = tonumber(ARGV[11])
+if joins > 0 or linger > 0 then
   redis.call('XADD', stream, '*', 'o', ARGV[2], 'p', ARGV[3], 'f', ARGV[5], 'h', ARGV[6],
              'i', ARGV[7], 's', ARGV[8])
-  redis.call('PEXPIRE', stream, ARGV[4])
+  redis.call('PEXPIRE', stream, math.max(tonumber(ARGV[4]), linger))
+end
+if linger > 0 and lease == KEYS[1] then  -- from now: callers that come within linger read it
+  redis.call('DEL', KEYS[4])
+  redis.call('HSET', KEYS[4], 't', ARGV[1], 'f', ARGV[5], 'h', ARGV[6], 'p', ARGV[7], 'k', k)
+  redis.call('PEXPIRE', KEYS[4], linger)
 end
 return joins
 """
@@ -134,8 +146,9 @@ end
 return -2
 """
 
-# KEYS: lease; ARGV: the call's key prefix. The forgotten lease keeps its ttl.
+# KEYS: lease, last; ARGV: the call's key prefix. The forgotten lease keeps its ttl; a linger ends.
 _FORGET: Final = """
+redis.call('DEL', KEYS[2])
 local t = redis.call('HGET', KEYS[1], 't')
 if t then redis.call('RENAME', KEYS[1], ARGV[1] .. 'gone:' .. t) end
 return t and 1 or 0
@@ -367,20 +380,23 @@ class RedisTier:
     def forget(self, key: str | bytes) -> None:
         prefix, _ = self.keys_of(key)
         try:
-            self.run("forget", [prefix + "lease"], [prefix])
+            self.run("forget", [prefix + "lease", prefix + "last"], [prefix])
         except _Trouble as e:
             self.trouble("forget", e)
 
     # -- publishing and renewing -------------------------------------------------------------------------
 
-    def publish(self, prefix: str, token: str, fence_no: int, kind: bytes, payload: bytes) -> int:
+    def publish(
+        self, prefix: str, token: str, fence_no: int, kind: bytes, payload: bytes, linger: float = 0.0
+    ) -> int:
         """FINISH for ``token`` (of the call's key ``prefix``): the number of remote waiters, or -1 when
-        the lease is not the token's."""
+        the lease is not the token's. ``linger``: seconds the outcome stays for callers that come after."""
         sig = self._sign(prefix, token, fence_no, kind, payload)
-        keys = [prefix + "lease", prefix + "gone:" + token, prefix + "out:" + token]
+        keys = [prefix + "lease", prefix + "gone:" + token, prefix + "out:" + token, prefix + "last"]
         ttl = int(OUTCOME_TTL * 1000)
         fencing, pid = int(_FENCING), os.getpid()
-        args = [token, kind, payload, ttl, fence_no, self.host, pid, sig, fencing, prefix + "out:"]
+        args = [token, kind, payload, ttl, fence_no, self.host, pid, sig, fencing, prefix + "out:",
+                math.ceil(linger * 1000)]  # fmt: skip
         reply = self.run("finish", keys, args)
         if type(reply) is not int:
             raise _Trouble(f"FINISH replied {type(reply).__name__}, not an integer")
@@ -677,6 +693,7 @@ class RedisEntry:
         self.renew_at = 0.0  # OWN: when its lease is renewed next, monotonic
         self.noted = b""
         self.done = False
+        self.opts = tier.opts  # the caller's options (linger), set by the stacked caller
 
     def __enter__(self) -> RedisEntry:
         return self
@@ -697,8 +714,9 @@ class RedisEntry:
         token = secrets.token_hex(16)
         try:
             reply = tier.run(
-                "enter", [self.prefix + "lease", self.prefix + "fence"],
-                [token, tier.host, os.getpid(), int(tier.lease * 1000), int(tier.fence_ttl * 1000), identity],
+                "enter", [self.prefix + "lease", self.prefix + "fence", self.prefix + "last"],
+                [token, tier.host, os.getpid(), int(tier.lease * 1000), int(tier.fence_ttl * 1000), identity,
+                 self.prefix + "out:"],
             )  # fmt: skip
             role, fields = _entered(reply)
         except _Trouble as e:
@@ -716,7 +734,7 @@ class RedisEntry:
             tier.hold(self)
             self.noted = _NOTE.pack(b"R", _NOTE_OWN, bytes.fromhex(token), self.fence, tag) + host
             return OWN
-        self.role = JOIN
+        self.role = JOIN  # a running call's (2), or a lingering outcome's (4): its stream holds it
         tier.count("remote_joins")
         self.noted = _NOTE.pack(b"R", _NOTE_WAIT, bytes.fromhex(owner_token), self.fence, tag) + host
         return JOIN
@@ -730,7 +748,7 @@ class RedisEntry:
         self.done = True
         tier = self.tier
         tier.let_go(self, ended=True)
-        opts = tier.opts
+        opts = self.opts
         payload = _protocol.encode_outcome(
             value, error, opts.codec, opts.max_result_bytes, self.key, opts.name
         )
@@ -738,8 +756,14 @@ class RedisEntry:
         if len(payload) > tier.max_remote_bytes:
             tier.count("remote_not_shared")
             kind, payload = _NOT_SHARED, b""
+        opts = self.opts
+        lingers = kind == _PAYLOAD and (
+            error is None or (opts.linger_errors and isinstance(error, Exception))
+        )
         try:
-            joins = tier.publish(self.prefix, self.token, self.fence, kind, payload)
+            joins = tier.publish(
+                self.prefix, self.token, self.fence, kind, payload, opts.linger if lingers else 0.0
+            )
         except (_Trouble, TierUnavailable) as e:  # the owner has its outcome whatever fail says
             tier.count("remote_fallbacks")
             log.warning("mpflight group %r: could not publish to Redis (%s): remote waiters see the "
@@ -926,13 +950,14 @@ def _text(value: object, what: str) -> str:
 
 
 def _entered(reply: object) -> tuple[int, tuple[str, int, str, int, int]]:
-    """ENTER's reply, checked: (1 own, 2 join or 3 collision, (token, fence, host, pid, ttl ms))."""
+    """ENTER's reply, checked: (1 own, 2 join, 3 collision or 4 a lingering outcome, (token, fence,
+    host, pid, ttl ms))."""
     if type(reply) is not list or not reply or type(reply[0]) is not int:
         raise _Trouble("ENTER replied no role")
     role = reply[0]
     if role == 3:
         return 3, ("", 0, "", 0, 0)
-    if role not in (1, 2) or len(reply) != 6:
+    if role not in (1, 2, 4) or len(reply) != 6:
         raise _Trouble(f"ENTER replied role {role!r} with {len(reply)} fields")
     token = _text(reply[1], "token")
     fence_no, ttl = reply[2], reply[5]

@@ -246,6 +246,7 @@ class StackedCaller:
         self.handed = False
         self.relaying = False  # a detached caller's relay goes on in a thread of its own
         self.closed = False
+        self.retakes = 0  # how many times this caller entered the next tier anew after its call aborted
 
     def __enter__(self) -> StackedCaller:
         self.local.__enter__()
@@ -266,8 +267,18 @@ class StackedCaller:
         role = self.local.enter(key, tid, blocking)
         if role != OWN:
             return role
+        return self._enter_next(key, tid, blocking)
+
+    def _enter_next(self, key: str | bytes, tid: int, blocking: bool = True) -> int:
+        """This caller owns the table's call: enter the next tier for it. JOIN: it relays from now on;
+        OWN: fn runs here, for the table's waiters (it owns there too, or the next tier has no room)."""
+        if self.remote is not None:  # the entry of an earlier try (its call was aborted)
+            remote, self.remote = self.remote, None
+            remote.__exit__(None, None, None)
         remote = self.next_tier.caller(self.deadline).__enter__()
         self.remote = remote
+        if hasattr(remote, "opts"):
+            remote.opts = self.local.opts  # this caller's options (linger), not its handle's
         self.remote_role = role = remote.enter(key, tid, blocking)
         noted = getattr(remote, "noted", b"")  # the next tier's own state of the call, if it has some
         if noted:
@@ -279,7 +290,16 @@ class StackedCaller:
             self.local.rename(id(self))
             self.relay = True
             return JOIN
-        return OWN  # owns in the next tier too, or it has no room: fn runs here, for the table's waiters
+        self.relay = False
+        return OWN
+
+    def _take_over(self, key: str | bytes, detached: Callable[[], bool] | None) -> Result[Any]:
+        """This caller now owns the table's call (it took it over, or the next tier's call it waited
+        for was aborted and it may try again): enter the next tier anew for it. Relaying, it waits on;
+        owning there, it runs fn (RunHere)."""
+        if self._enter_next(key, threading.get_ident()) == JOIN:
+            return self.wait(key, detached)
+        raise RunHere(f"runs the call of key {key!r} again, for the hosts that waited on it")
 
     def own(
         self, fn: Callable[..., T], args: tuple[object, ...], kwargs: dict[str, object]
@@ -303,10 +323,23 @@ class StackedCaller:
 
     def wait(self, key: str | bytes, detached: Callable[[], bool] | None = None) -> Result[Any]:
         if not self.relay:
-            return self.local.wait(key, detached)
+            try:
+                return self.local.wait(key, detached)
+            except RunHere:  # took over the table's call of an owner that is gone: it speaks for it now
+                return self._take_over(key, detached)
         assert self.remote is not None
         try:
             result = self.remote.wait(key, detached)
+        except AbortError as e:
+            # The next tier's owner is gone: with takeover, this host tries again (one host wins the
+            # next tier's call and runs fn, the others join it), within the caller's budget.
+            if self.relaying or self.retakes >= self.local.opts.takeovers:
+                self.local.abandon(f"the wait in the next tier ended: {type(e).__name__}: {e}"[:200])
+                raise
+            self.retakes += 1
+            log.info("mpflight group %r: the owner of key %r on another host is gone; entering anew",
+                     self.local.opts.name, key)  # fmt: skip
+            return self._take_over(key, detached)
         except RunHere:
             # The table's call is this caller's to run after all: it owns there, not in the next tier.
             self.relay, self.remote_role = False, ALONE

@@ -483,6 +483,78 @@ def test_forget_lets_the_next_caller_on_any_host_start_anew(server: RedisServer,
         assert held.end() == {"owner": mpflight.Result("old", True), "waiter": mpflight.Result("old", True)}
 
 
+# -- takeover and linger across hosts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("death", ["process", "host"])
+def test_a_dead_owner_is_taken_over_by_one_host_and_the_others_join_it(
+    hosts: Hosts, server: RedisServer, death: str
+) -> None:
+    """on_abort="retry" on three hosts of two processes: the owner process (or its whole host) dies
+    inside fn; fn runs once more in the fleet, and every surviving caller gets that run's value."""
+    lease = 60.0 if death == "process" else 1.0  # a process's death is told at once; a host's, by its lease
+    for i in range(6):
+        hosts.start(f"h{i % 3}", lease=lease, on_abort="retry")
+    wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
+    owner_host, owner_pid, _ = hosts.runs()[0]
+    wait_until(lambda: _remote_waiters(server, hosts.name) == 2, "the two other hosts in Redis")
+    for h in ("h0", "h1", "h2"):
+        wait_until(hosts.waiting(h, 1), f"a local waiter on {h}")
+    if death == "process":
+        os.kill(int(owner_pid), signal.SIGKILL)
+    else:
+        hosts.kill_host(owner_host)
+    wait_until(lambda: len(hosts.runs()) == 2, "one host to run fn again")
+    new_host, new_pid, _ = hosts.runs()[1]
+    others = 2 if death == "process" else 1
+    wait_until(lambda: _remote_waiters(server, hosts.name) == others, "the other hosts to join the new call")
+    hosts.open()
+    survivors = 5 if death == "process" else 4
+    outs = hosts.outs(survivors)
+    assert len(hosts.runs()) == 2
+    assert [o.get("value") for o in outs] == [{"key": "k", "host": new_host, "pid": int(new_pid)}] * survivors
+    if death == "host":
+        assert new_host != owner_host
+
+
+def test_without_takeover_the_other_hosts_get_the_abort(hosts: Hosts, server: RedisServer) -> None:
+    """The same with on_abort="raise": nobody runs fn again (shows the test above can fail)."""
+    for i in range(4):
+        hosts.start(f"h{i % 2}", lease=60.0)
+    wait_until(lambda: len(hosts.runs()) == 1, "the owner's fn")
+    wait_until(lambda: _remote_waiters(server, hosts.name) == 1, "the other host in Redis")
+    os.kill(int(hosts.runs()[0][1]), signal.SIGKILL)
+    outs = hosts.outs(3)
+    hosts.open()
+    assert {o["error"] for o in outs} == {"AbortError"}
+    assert len(hosts.runs()) == 1
+
+
+def test_an_outcome_lingers_for_callers_on_other_hosts(server: RedisServer, name: str) -> None:
+    """linger=: a caller on another host that comes after the publish gets the outcome; errors do not
+    linger unless asked; forget ends a linger; without linger the other host runs fn."""
+    with _in_process_hosts(server, name, "abcd", linger=30) as g:
+        assert g["a"].do_ex("k", lambda: "from a") == mpflight.Result("from a", False)
+        assert g["b"].do_ex("k", lambda: "b ran") == mpflight.Result("from a", True)
+        assert g["c"].with_options(linger=0).do("k", lambda: "c ran") == "from a"  # a's linger, a's clock
+        g["d"].forget("k")
+        assert g["d"].do("k", lambda: "d ran") == "d ran"
+        with pytest.raises(ValueError, match="a's error"):
+            g["a"].do("e", _raise, ValueError("a's error"))
+        assert g["b"].do("e", lambda: "b ran") == "b ran"  # an error does not linger
+        with pytest.raises(ValueError, match="a's error"):
+            g["a"].with_options(linger_errors=True).do("f", _raise, ValueError("a's error"))
+        with pytest.raises(ValueError, match="a's error"):
+            g["b"].do("f", lambda: "b ran")
+    with _in_process_hosts(server, name, "ab") as g:  # no linger
+        assert g["a"].do("k", lambda: "from a") == "from a"
+        assert g["b"].do("k", lambda: "b ran") == "b ran"
+
+
+def _raise(e: Exception) -> None:
+    raise e
+
+
 # -- Redis trouble, large outcomes, bad data ------------------------------------------------------------------
 
 
