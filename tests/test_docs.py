@@ -106,10 +106,10 @@ def test_captured_inspect_output_matches_the_command() -> None:
     from mpflight import _cli
 
     text = (ROOT / "docs" / "operations.md").read_text()
-    [captured] = re.findall(r"```text\n(.*?)```", text, re.S)
+    captured = "".join(re.findall(r"```text\n(.*?)```", text, re.S))
     header = _cli._inflight_rows([], 0.0, _cli._Style(io.StringIO()))[0]
     headers = [line.split() for line in captured.splitlines() if line.startswith("KEY")]
-    assert headers
+    assert len(headers) == 3
     assert all(h == header for h in headers)
     tables = re.findall(r"^table (\S+): (\d+) slots, (\d+) in flight$", captured, re.M)
-    assert tables == [("thumbnails", "1024", "2"), ("thumbnails", "1024", "1")]
+    assert tables == [("ops-demo", "1024", "1"), ("thumbnails", "1024", "2"), ("thumbnails", "1024", "1")]
