@@ -622,6 +622,18 @@ def _error_args(exc: BaseException, rebuildable: bool) -> list[object] | None:
         return None
 
 
+def _reduced_state(exc: BaseException) -> dict[str, object]:
+    """What ``__reduce__`` keeps of the exception beside its args and ``vars()``: ImportError's name and
+    path, which live in C."""
+    try:
+        reduced = exc.__reduce__()
+    except Exception:
+        return {}
+    if type(reduced) is tuple and len(reduced) >= 3 and type(reduced[2]) is dict:
+        return {k: v for k, v in reduced[2].items() if type(k) is str}
+    return {}
+
+
 def _str_of(exc: BaseException) -> str:
     try:
         return str(exc)
@@ -639,7 +651,7 @@ def _traceback_text(exc: BaseException, qualname: str, message: str) -> str:
 def _attrs(exc: BaseException, codec: Codec) -> dict[str, object] | None:
     """The exception's instance attributes that the codec can carry (``__notes__`` among them)."""
     try:
-        state = dict(vars(exc))
+        state = _reduced_state(exc) | dict(vars(exc))
     except Exception:
         return None
     kept: dict[str, object] = {}
@@ -667,7 +679,7 @@ def pack_error(exc: BaseException, codec: Codec | None) -> bytes:
         qualname = _clean(str(cls.__qualname__))
         message = _clean(_str_of(exc))
         tb = _clean(_traceback_text(exc, qualname, message))
-        args = _error_args(exc, _rebuildable(module, qualname) is cls)
+        args = _error_args(exc, _rebuildable(module, qualname) is cls or cls in use._errors.values())
         attrs = _attrs(exc, use)
         whole = exc if cls in use._encoders else None
     except Exception:
@@ -811,9 +823,14 @@ def _restore(exc: BaseException, attrs: dict[str, Any] | None) -> None:
 
 
 def _registered(cls: type[BaseException], args: list[Any] | None) -> BaseException | None:
-    """An exception of a registered type, made as unpickling would, without calling ``__init__``."""
+    """An exception of a registered type, made as unpickling would, without calling its own
+    ``__init__``; the built-in exception it derives from is initialised with the owner's args, so
+    that fields a built-in keeps in C (UnicodeError's, StopIteration's value) are set as they were."""
+    builtin: Any = next(c for c in cls.__mro__ if c.__module__ == "builtins")
     try:
         exc = cls.__new__(cls, *(args or ()))
+        with contextlib.suppress(Exception):  # args the built-in does not take: it keeps them as args
+            builtin.__init__(exc, *(args or ()))
         exc.args = tuple(args or ())
     except Exception:
         return None

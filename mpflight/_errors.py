@@ -49,9 +49,15 @@ class AbortError(MPFlightError):
         return (type(self), (self.key, self.owner_pid, self.reason, self.takeovers))
 
 
+# How the reason of every abort whose owner died begins (the others begin "the owner left", "the
+# owner could not publish", "the owner's caller ended early", "the call was lost", ...).
+DIED: tuple[str, ...] = ("owner died", "the owner's lease")
+
+
 def died(reason: str) -> bool:
-    """Whether an abort's reason says the owner died (every such reason says "died" or "expired")."""
-    return "died" in reason or "expired" in reason or "killed" in reason
+    """Whether an abort's reason says the owner (or its host) died, by how it begins: a reason may
+    quote other text (an exception's message, a key) after that."""
+    return reason.startswith(DIED)
 
 
 class WaitTimeout(MPFlightError, TimeoutError):

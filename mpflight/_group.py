@@ -118,7 +118,7 @@ class Group:
             raise ValueError(f"max_result_bytes must be an int from 1 to {MAX_RESULT_BYTES}")
         if codec is not None and not isinstance(codec, _codec.Codec):
             raise TypeError(f"codec must be an mpflight.Codec, not {type(codec).__name__}")
-        if isinstance(errors, type) or not isinstance(errors, Iterable):
+        if isinstance(errors, type | str | bytes) or not isinstance(errors, Iterable):
             raise TypeError(f"errors must be a list of exception types, not {errors!r}")
         errors = list(errors)
         if errors:

@@ -334,7 +334,7 @@ class StackedCaller:
             # The next tier's owner is gone: with takeover, this host tries again (one host wins the
             # next tier's call and runs fn, the others join it), within the caller's budget.
             if self.relaying or self.retakes >= self.local.opts.takeovers:
-                self.local.abandon(f"the wait in the next tier ended: {type(e).__name__}: {e}"[:200])
+                self.local.abandon(f"{e.reason} (the next tier's call of the key)"[:200])
                 raise
             self.retakes += 1
             log.info("mpflight group %r: the owner of key %r on another host is gone; entering anew",

@@ -238,7 +238,6 @@ def test_threads_futures_and_tasks_of_one_process_take_over_once(name: str, tmp_
 # (step, factory, whose value the waiters get): before DONE the call is taken over; after, the owner's
 # outcome is there already.
 OWNER_STEPS = [
-    ("locked:2", "value", "taken"),  # right after taking the lock to complete
     ("completing", "value", "taken"),  # the call made unjoinable, nothing written yet
     ("result", "value", "taken"),  # halfway through an inline outcome
     ("result", "big", "taken"),  # halfway through a result segment
