@@ -415,6 +415,36 @@ def test_the_counters_sum_up(name: str, tmp_path: Path) -> None:
     assert (stats["errors"], stats["aborts"], stats["timeouts"], stats["shared"]) == (1, 1, 1, 0)
 
 
+def test_the_counters_sum_up_with_takeovers_and_linger_hits(name: str, tmp_path: Path) -> None:
+    """calls = runs - takeovers + joins + linger_hits + fallbacks: a takeover is a second run of one
+    caller's call, a linger hit a call that neither ran nor joined."""
+    made = 0
+    with mpflight.Group(name, on_abort="retry", linger=30) as group:
+        assert group.do("a", lambda: "a") == "a"
+        made += 1
+        assert [group.do("a", lambda: "again") for _ in range(2)] == ["a", "a"]  # linger hits
+        made += 2
+        proc, gate, _ = remote_owner(name, "held", "sigkill", tmp_path)
+        made += 1  # the remote owner's call
+        box: list[object] = []
+        thread = threading.Thread(target=lambda: box.append(group.do("held", lambda: "taken over")))
+        thread.start()
+        made += 1
+        wait_until(lambda: waiting(group, "held") == 1, "this process to join")
+        gate.open()  # the owner dies: this process's waiter takes the call over
+        thread.join(DEADLINE)
+        proc.join(DEADLINE)
+        assert box == ["taken over"]
+        assert group.do("held", lambda: "again") == "taken over"  # the new owner's value lingers
+        made += 1
+        stats = group.stats()
+    assert (stats["runs"], stats["takeovers"], stats["joins"], stats["linger_hits"]) == (3, 1, 1, 3)
+    assert (stats["aborts"], stats["fallbacks"]) == (1, 0)
+    assert (
+        stats["calls"] == stats["runs"] - stats["takeovers"] + stats["joins"] + stats["linger_hits"] == made
+    )
+
+
 def test_a_sigint_caught_by_the_app_leaves_nothing(name: str, tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) delivered while a process's main thread owns a call that another process waits
     on: the app catches KeyboardInterrupt and lives on; the waiter gets AbortError, the process's next
