@@ -15,6 +15,8 @@ Lock recipe, result in the cache), ``redis`` (redis-py's Lock, result in Redis, 
 redis-server started here on a free loopback port), ``manager`` (multiprocessing.Manager: a Lock, a
 dict and a Condition). The lock-based peers share only overlapping calls, like mpflight: a result
 counts only if it was written after the caller began. Wake-up times run from the moment fn returns.
+A row named ``mpflight OPTION=VALUE`` runs mpflight with that Group option (W5's on_abort="retry",
+W7's linger=).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,7 +91,9 @@ class Peer:
         self.kind = spec["kind"]
         self.spec = spec
         if self.kind == "mpflight":
-            self.group = mpflight.Group(spec["name"], check_interval=spec.get("check_interval", 0.2))
+            self.group = mpflight.Group(
+                spec["name"], check_interval=spec.get("check_interval", 0.2), **spec["options"]
+            )
         elif self.kind == "inproc":
             self.inproc = InProc()
         elif self.kind == "diskcache":
@@ -181,17 +186,21 @@ class Peer:
 
 
 @contextlib.contextmanager
-def peer_spec(kind: str, tag: str, env: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
-    """The spec of a peer for one workload, with whatever it needs set up and torn down around it."""
+def peer_spec(kind: str, tag: str, env: dict[str, Any], **options: Any) -> Iterator[dict[str, Any] | None]:
+    """The spec of a peer for one workload, with whatever it needs set up and torn down around it;
+    ``options`` are mpflight's Group options (``on_abort="retry"``, ``linger=1``)."""
     if kind == "redis" and env.get("redis_port") is None:
         yield None
         return
+    if options and kind != "mpflight":
+        raise ValueError(f"{kind} takes no Group options")
     spec: dict[str, Any] = {"kind": kind}
     tmp = tempfile.mkdtemp(prefix=f"bench-{kind}-")
     manager = None
     try:
         if kind == "mpflight":
             spec["name"] = f"bench-{os.getpid()}-{tag}"
+            spec["options"] = options
         elif kind in ("filelock", "diskcache"):
             spec["dir"] = tmp
         elif kind == "redis":
@@ -552,6 +561,17 @@ def w3(env: dict[str, Any], quick: bool) -> dict[str, Any]:
 
 # -- W5: the owner is killed ------------------------------------------------------------------------------
 
+# fn's time in W5: the owner is killed at its end, and a re-run of fn (by a taker, or by a lock-based
+# peer's next holder) takes as long again.
+W5_FN = 0.2
+# Who W5 runs: (row, peer kind, mpflight's options).
+W5_PEERS = [
+    ("mpflight", "mpflight", {}),
+    ("mpflight on_abort=retry", "mpflight", {"on_abort": "retry"}),
+    *((kind, kind, {}) for kind in CROSS if kind != "mpflight"),
+]
+RAN, TOOK = "ran fn again", "the re-run's value"  # a waiter's outcome when its do() returned
+
 
 def _crash_owner(spec: dict[str, Any], killed_at: Any, in_fn: Any, ready: Any, waiters: int) -> None:
     peer = Peer(spec)
@@ -560,7 +580,7 @@ def _crash_owner(spec: dict[str, Any], killed_at: Any, in_fn: Any, ready: Any, w
         in_fn.set()
         for _ in range(waiters):
             ready.acquire()  # each waiter is about to call
-        time.sleep(0.2)  # and is waiting by now
+        time.sleep(W5_FN)  # and is waiting by now
         killed_at.value = time.monotonic()
         os.kill(os.getpid(), signal.SIGKILL)
         return 0
@@ -570,10 +590,16 @@ def _crash_owner(spec: dict[str, Any], killed_at: Any, in_fn: Any, ready: Any, w
 
 def _crash_waiter(spec: dict[str, Any], queue: Any, ready: Any) -> None:
     peer = Peer(spec)
+    ran: list[bool] = []
+
+    def fn() -> str:
+        ran.append(True)
+        time.sleep(W5_FN)
+        return "re-ran"
+
     ready.release()
     try:
-        peer.do("crash", lambda: "re-ran")
-        outcome = "re-ran fn"
+        outcome = (RAN if ran else TOOK) if peer.do("crash", fn) == "re-ran" else "a wrong value"
     except mpflight.AbortError:
         outcome = "AbortError"
     except Exception as e:
@@ -584,10 +610,10 @@ def _crash_waiter(spec: dict[str, Any], queue: Any, ready: Any) -> None:
 def w5(env: dict[str, Any], quick: bool) -> dict[str, Any]:
     cap = 1.5 if quick else 15.0
     out: dict[str, Any] = {}
-    for kind in CROSS:
-        with peer_spec(kind, "w5", env) as spec:
+    for row, kind, options in W5_PEERS:
+        with peer_spec(kind, f"w5-{len(out)}", env, **options) as spec:
             if spec is None:
-                out[kind] = None
+                out[row] = None
                 continue
             killed_at, in_fn, queue, ready = CTX.Value("d", 0.0), CTX.Event(), CTX.Queue(), CTX.Semaphore(0)
             owner = CTX.Process(target=_crash_owner, args=(spec, killed_at, in_fn, ready, 4))
@@ -610,12 +636,98 @@ def w5(env: dict[str, Any], quick: bool) -> dict[str, Any]:
         got = [f"{o} after {ms(t - killed_at.value)} ms" for o, t in results]
         hung = len(waiters) - len(results)
         detect = [t - killed_at.value for _, t in results]
-        out[kind] = {
-            "outcomes": sorted({o for o, _ in results}) + ([f"hang (> {cap:.0f} s)"] if hung else []),
-            "latest_s": max(detect) if detect and not hung else None,
+        counts = dict(sorted(Counter(o for o, _ in results).items()))
+        out[row] = {
+            "outcomes": sorted(counts) + ([f"hang (> {cap:.0f} s)"] if hung else []),
+            "counts": counts,  # how many waiters had each outcome
+            "latest_s": max(detect) if detect and not hung else None,  # the kill to the last waiter's outcome
             "hung": hung,
             "detail": got,
+            "fn_s": W5_FN,
         }
+    return out
+
+
+# -- W7: near misses: sync workers, staggered arrivals -------------------------------------------------------
+
+W7_WORKERS = 4  # processes that serve one request at a time, as gunicorn's sync workers do
+W7_FN = 0.1  # fn's time
+W7_GAP = 0.005  # between two arrivals of the key: far more requests than the workers can hold at once
+# Who W7 runs: (row, peer kind, mpflight's options).
+W7_PEERS = [
+    ("none", "none", {}),
+    ("mpflight linger=0", "mpflight", {}),
+    ("mpflight linger=1", "mpflight", {"linger": 1.0}),
+]
+
+
+def _sync_worker(spec: dict[str, Any], inbox: Any, outbox: Any, ready: Any) -> None:
+    """Serves the requests of ``inbox`` one at a time, each a do() of its key: (key, arrival time)."""
+    peer = Peer(spec)
+    ready.release()
+    while (request := inbox.get()) is not None:
+        key, arrived = request
+        ran: list[bool] = []
+
+        def fn(ran: list[bool] = ran) -> bytes:
+            ran.append(True)
+            time.sleep(W7_FN)
+            return b"x" * 1024
+
+        try:
+            ok = peer.do(key, fn) == b"x" * 1024
+        except Exception:
+            ok = False
+        outbox.put((arrived, time.monotonic(), bool(ran), ok))
+    peer.close()
+
+
+def near_misses(spec: dict[str, Any], rounds: int, window: float) -> dict[str, Any]:
+    """Each round, requests for one key arrive every W7_GAP over ``window`` (longer than fn) at a
+    queue that W7_WORKERS processes take them from; the round ends when every request is answered."""
+    inbox, outbox, ready = CTX.Queue(), CTX.Queue(), CTX.Semaphore(0)
+    workers = [CTX.Process(target=_sync_worker, args=(spec, inbox, outbox, ready)) for _ in range(W7_WORKERS)]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        assert ready.acquire(timeout=60), "a worker did not start"
+    executions, latencies, busy, failures, requests = [], [], 0.0, 0, round(window / W7_GAP)
+    for r in range(rounds):
+        start = time.monotonic()
+        for i in range(requests):
+            time.sleep(max(0.0, start + i * W7_GAP - time.monotonic()))
+            inbox.put((f"page-{r}", time.monotonic()))
+        rows = [outbox.get(timeout=600) for _ in range(requests)]
+        executions.append(sum(row[2] for row in rows))
+        latencies += [row[1] - row[0] for row in rows]
+        busy += max(row[1] for row in rows) - min(row[0] for row in rows)
+        failures += sum(not row[3] for row in rows)
+    for _ in workers:
+        inbox.put(None)
+    for w in workers:
+        w.join(60)
+    out = {
+        "executions_per_window": statistics.mean(executions),
+        "requests_per_window": requests,
+        "window_s": window,
+        "requests_per_s": requests * rounds / busy,
+        "latency": summary(latencies),
+        "failures": failures,
+    }
+    if spec["kind"] == "mpflight":
+        with mpflight.Group(spec["name"]) as group:  # the table's counters, summed over the workers
+            stats = group.stats()
+        out["joins_per_window"] = stats["joins"] / rounds
+        out["linger_hits_per_window"] = stats["linger_hits"] / rounds
+    return out
+
+
+def w7(env: dict[str, Any], quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for row, kind, options in W7_PEERS:
+        with peer_spec(kind, f"w7-{len(out)}", env, **options) as spec:
+            assert spec is not None
+            out[row] = near_misses(spec, 1 if quick else 5, 0.3 if quick else 0.5)
     return out
 
 
@@ -898,6 +1010,22 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             c["outcomes"] == ["AbortError"] and (c["latest_s"] or 9) <= 0.25,
         )
     )
+    c = r["w5"]["mpflight on_abort=retry"]
+    rows.append(
+        (
+            "W5 takeover: one waiter re-runs fn, all 4 have its value within fn's time + 0.25 s of the kill",
+            f"{', '.join(f'{o}: {n}' for o, n in c['counts'].items())}; latest {ms(c['latest_s'] or float('nan'))} ms",
+            c["counts"] == {RAN: 1, TOOK: 3} and (c["latest_s"] or 9) <= c["fn_s"] + 0.25,
+        )
+    )
+    once, again = r["w7"]["mpflight linger=1"], r["w7"]["mpflight linger=0"]
+    rows.append(
+        (
+            "W7 near misses: linger=1 runs fn once per window",
+            f"{once['executions_per_window']:g} (linger=0: {again['executions_per_window']:g})",
+            once["executions_per_window"] == 1,
+        )
+    )
     f = r["scaling"]["fill"]
     rows.append(
         (
@@ -1003,21 +1131,22 @@ def markdown(r: dict[str, Any]) -> str:
                 else f"{ms(v['last']['median'])} | {ms(v['last']['max'])} | {v['executions_per_round']:.2f} |"
             )
         )
+    fn5 = next(v["fn_s"] for v in r["w5"].values() if v) * 1e3
     lines += [
         "",
-        "## W5: the owner SIGKILLs itself inside fn while 4 wait",
+        f"## W5: the owner SIGKILLs itself inside fn while 4 wait (fn {fn5:g} ms; a re-run takes as long)",
         "",
-        "| peer | what the waiters get | when (after the kill) |",
-        "|---|---|---|",
+        "| peer | what the waiters get | the last one, ms after the kill | each, after the kill |",
+        "|---|---|---|---|",
     ]
     for k, v in r["w5"].items():
+        if v is None:
+            lines.append(f"| {k} | skipped | | |")
+            continue
+        what = [f"{o}: {n}" for o, n in v["counts"].items()]
+        what += [f"{o}: {v['hung']}" for o in v["outcomes"] if o.startswith("hang")]
         lines.append(
-            f"| {k} | "
-            + (
-                "skipped |  |"
-                if v is None
-                else f"{', '.join(v['outcomes'])} | {'; '.join(v['detail']) or '-'} |"
-            )
+            f"| {k} | {', '.join(what)} | {ms(v['latest_s'] or float('nan'))} | {'; '.join(v['detail']) or '-'} |"
         )
     w6r = r.get("w6")
     lines += ["", "## W6: one key across 3 simulated hosts x 4 processes, through Redis (fn 20 ms)", ""]
@@ -1037,6 +1166,23 @@ def markdown(r: dict[str, Any]) -> str:
             f"| Redis round trips per uncontended call | {w6r['uncontended_commands_per_call']:.2f} |",
             f"| failures | {w6r['failures']} |",
         ]
+    window = next(iter(r["w7"].values()))["window_s"]
+    lines += [
+        "",
+        f"## W7: near misses: {W7_WORKERS} sync workers; a request for one key every {W7_GAP * 1e3:g} ms for {window * 1e3:g} ms (fn {W7_FN * 1e3:g} ms)",
+        "",
+        f"Each worker serves one request at a time; a window ends when every request is answered. Requests/s: the requests answered per second from the window's first arrival to its last answer (they arrive at {1 / W7_GAP:g}/s). Latency runs from a request's arrival to its answer.",
+        "",
+        "| peer | fn executions per window | requests per window | joins / linger hits per window | requests/s | latency median ms | p90 | max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, v in r["w7"].items():
+        lat, shared = v["latency"], "-"
+        if "joins_per_window" in v:
+            shared = f"{v['joins_per_window']:g} / {v['linger_hits_per_window']:g}"
+        lines.append(
+            f"| {k} | {v['executions_per_window']:g} | {v['requests_per_window']} | {shared} | {v['requests_per_s']:.0f} | {ms(lat['median'])} | {ms(lat['p90'])} | {ms(lat['max'])} |"
+        )
     fl = r["floors"]
     lines += [
         "",
@@ -1084,7 +1230,8 @@ def main() -> int:
         env = {"redis_port": port}
         if port is None:
             print("note: redis-server is not installed: the redis peer is skipped", file=sys.stderr)
-        for name, run in (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("w5", w5), ("w6", w6)):
+        runs = (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("w5", w5), ("w6", w6), ("w7", w7))
+        for name, run in runs:
             started = time.monotonic()
             results[name] = run(env, args.quick)
             print(f"{name} done in {time.monotonic() - started:.1f} s", file=sys.stderr)

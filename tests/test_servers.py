@@ -39,7 +39,9 @@ def _free_port() -> int:
 class Server:
     """A real server process on a loopback port, with the example app's test hooks set."""
 
-    def __init__(self, argv: list[str], name: str, tmp: Path) -> None:
+    def __init__(self, argv: list[str], name: str, tmp: Path, **app_env: str) -> None:
+        """``app_env``: more of the app's environment (MPFLIGHT_EXAMPLE_LINGER=...; an empty
+        MPFLIGHT_EXAMPLE_GATE: no gate)."""
         self.port = _free_port()
         self.log = tmp / "executions.log"
         self.gate = tmp / "gate"
@@ -48,6 +50,7 @@ class Server:
             os.environ, PYTHONPATH=str(ROOT), MPFLIGHT_EXAMPLE_GROUP=name, MPFLIGHT_EXAMPLE_LOG=str(self.log),
             MPFLIGHT_EXAMPLE_GATE=str(self.gate),
         )  # fmt: skip
+        env.update(app_env)
         argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.argv = argv
         self.output = (tmp / "server.out").open("wb")
@@ -240,6 +243,41 @@ def test_an_owner_killed_mid_call_never_hangs_the_others(server: tuple[Server, i
     s.open("after")
     wait_until(lambda: s.get("after")[0] == 200, "the server to serve again")
     assert_no_overlap(s, killed_at)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("linger", [pytest.param(5.0, id="linger=5"), pytest.param(0.0, id="linger=0")])
+def test_near_misses_of_sync_workers_share_one_run_only_with_linger(
+    name: str, tmp_path: Path, linger: float
+) -> None:
+    """gunicorn sync workers x4, a 300 ms fn, 40 concurrent requests for one key: a sync worker serves
+    one request at a time, so at most 4 requests are in the call and the other 36 (or more) begin after
+    it published. With linger=5 they take its value: fn runs once. With linger=0 the first of them
+    finds no call and runs fn again (a call holds at most 4 of the 40: fn runs 10 times or more).
+    Whatever order the requests come in, each is in the call or after it: the test needs none."""
+    s = Server(
+        [*GUNICORN, "-w", "4", "wsgi:app"], name, tmp_path,
+        MPFLIGHT_EXAMPLE_LINGER=str(linger), MPFLIGHT_EXAMPLE_GATE="", MPFLIGHT_EXAMPLE_SECONDS="0.3",
+    )  # fmt: skip
+    try:
+        with mpflight.Group(name) as group:
+            before = group.stats()
+            responses = s.burst(["hot"] * 40)
+            after = group.stats()
+        runs = len(s.executions()["hot"])
+        joins, hits = after["joins"] - before["joins"], after["linger_hits"] - before["linger_hits"]
+        print(f"linger={linger:g}: fn ran {runs} times for 40 requests ({joins} joins, {hits} linger hits)")
+        assert responses == [(200, expected("hot"))] * 40
+        assert after["runs"] - before["runs"] == runs
+        if linger:
+            assert runs == 1
+            assert hits >= 36, "the requests after the call took its lingering value"
+        else:
+            assert runs >= 40 // 4, "a call holds at most one request per sync worker"
+            assert hits == 0
+        assert_no_overlap(s)
+    finally:
+        s.stop()
 
 
 @pytest.mark.timeout(180)

@@ -21,9 +21,14 @@ from urllib.parse import parse_qs
 
 import mpflight
 
-GROUP = mpflight.Group(os.environ.get("MPFLIGHT_EXAMPLE_GROUP", "example-asgi"), timeout=30)
+GROUP = mpflight.Group(
+    os.environ.get("MPFLIGHT_EXAMPLE_GROUP", "example-asgi"),
+    timeout=30,
+    linger=float(os.environ.get("MPFLIGHT_EXAMPLE_LINGER", "0")),
+)
 LOG = os.environ.get("MPFLIGHT_EXAMPLE_LOG")
 GATE = os.environ.get("MPFLIGHT_EXAMPLE_GATE")
+SECONDS = float(os.environ.get("MPFLIGHT_EXAMPLE_SECONDS", "0.02"))
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -47,7 +52,7 @@ async def expensive(key: str) -> dict[str, str]:
         while not (Path(GATE) / key).exists():
             await asyncio.sleep(0.002)
     else:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(SECONDS)
     _log("end", key)
     return {"key": key, "value": hashlib.sha256(key.encode()).hexdigest()}
 

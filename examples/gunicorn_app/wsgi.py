@@ -7,9 +7,11 @@ Concurrent requests for one key, in any worker, share one computation. A worker 
 computes (the OOM killer, gunicorn's timeout) answers the requests that waited for it with 503;
 they may retry at once.
 
-Environment, for the tests: MPFLIGHT_EXAMPLE_GROUP names the group; MPFLIGHT_EXAMPLE_LOG is a file
-each computation appends its start and end to; MPFLIGHT_EXAMPLE_GATE is a directory in which a
-computation of KEY waits for the file KEY before it returns.
+Environment: MPFLIGHT_EXAMPLE_LINGER is the group's linger (default 0): a request that comes within
+that many seconds of a computation's end takes its value instead of computing again. For the tests:
+MPFLIGHT_EXAMPLE_GROUP names the group; MPFLIGHT_EXAMPLE_LOG is a file each computation appends its
+start and end to; MPFLIGHT_EXAMPLE_GATE is a directory in which a computation of KEY waits for the
+file KEY before it returns; without it, a computation takes MPFLIGHT_EXAMPLE_SECONDS (default 0.02).
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ from urllib.parse import parse_qs
 
 import mpflight
 
-GROUP = mpflight.Group(os.environ.get("MPFLIGHT_EXAMPLE_GROUP", "example-wsgi"), timeout=30)
+GROUP = mpflight.Group(
+    os.environ.get("MPFLIGHT_EXAMPLE_GROUP", "example-wsgi"),
+    timeout=30,
+    linger=float(os.environ.get("MPFLIGHT_EXAMPLE_LINGER", "0")),
+)
 LOG = os.environ.get("MPFLIGHT_EXAMPLE_LOG")
 GATE = os.environ.get("MPFLIGHT_EXAMPLE_GATE")
+SECONDS = float(os.environ.get("MPFLIGHT_EXAMPLE_SECONDS", "0.02"))
 
 
 def _log(event: str, key: str) -> None:
@@ -47,7 +54,7 @@ def expensive(key: str) -> dict[str, str]:
         while not (Path(GATE) / key).exists():
             time.sleep(0.002)
     else:
-        time.sleep(0.02)
+        time.sleep(SECONDS)
     _log("end", key)
     return {"key": key, "value": hashlib.sha256(key.encode()).hexdigest()}
 
