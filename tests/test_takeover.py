@@ -309,3 +309,55 @@ def test_a_waiter_killed_while_taking_over(name: str, tmp_path: Path, step: str)
         assert group.stats()["calls"] == 4
         assert group.inflight() == []
         assert table_problems(group) == []
+
+
+def test_takeover_is_also_a_per_call_option(name: str, tmp_path: Path) -> None:
+    """with_options(on_abort="retry") on a handle made with the default: that call takes over, on the
+    handle's own table; the handle's other calls keep on_abort="raise"."""
+    owner, gate, _ = remote_owner(name, "k", "sigkill", tmp_path)
+    with mpflight.Group(name) as group:
+        retrying = group.with_options(on_abort="retry")
+        assert (retrying.on_abort, retrying.takeovers, group.on_abort, group.takeovers) == (
+            "retry",
+            1,
+            "raise",
+            0,
+        )
+        box: list[object] = []
+
+        def call(handle: mpflight.Group) -> None:
+            try:
+                box.append(handle.do("k", lambda: "taken over"))
+            except mpflight.AbortError as e:
+                box.append(e)
+
+        threads = [threading.Thread(target=call, args=(h,)) for h in (retrying, group)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: waiting(group, "k") == 2, "two waiters")
+        gate.open()
+        for t in threads:
+            t.join(DEADLINE)
+        owner.join(DEADLINE)
+        assert "taken over" in box
+        assert len(box) == 2
+        assert group.stats()["takeovers"] == 1
+        retrying.close()  # a view: the handle it came from still works
+        assert group.do("k2", lambda: "fine") == "fine"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"on_abort": "sometimes"}, ValueError),
+        ({"on_abort": "raise", "takeovers": 2}, ValueError),
+        ({"on_abort": "retry", "takeovers": -1}, ValueError),
+        ({"on_abort": "retry", "takeovers": 101}, ValueError),
+        ({"on_abort": "retry", "takeovers": 1.5}, ValueError),
+    ],
+)
+def test_bad_takeover_options_are_refused(name: str, options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        mpflight.Group(name, **options)
+    with mpflight.Group(name) as group, pytest.raises(error):
+        group.with_options(**options)
