@@ -707,6 +707,12 @@ _ERROR_FALLBACK: Final = _pack_frame(
 )
 
 
+def is_fns(payload: bytes) -> bool:
+    """Whether the payload carries fn's own outcome (its value or its exception), not an abort or
+    what could not be carried."""
+    return _tag(payload) in (VALUE, ERROR)
+
+
 def pack_abort(reason: str) -> bytes:
     """Pack an abort: the call ended without an outcome, for ``reason``."""
     return _pack_frame(ABORT, _clean(reason), _PLAIN)

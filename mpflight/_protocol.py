@@ -376,8 +376,9 @@ class Call:
         _faults.reached("completing")
         where, length = PAYLOAD_LOCAL, 0
         try:
+            fns = True
             if remote > 0:
-                where, length = self._write_outcome(value, error)
+                where, length, fns = self._write_outcome(value, error)
         except BaseException as e:
             # Whatever stopped the writing (an OSError from /dev/shm, a KeyboardInterrupt during a long
             # encode), the waiters must not wait for an outcome that never comes: they get an abort.
@@ -389,7 +390,7 @@ class Call:
                 raise
             self.publish(where, length, deadline, False)
             return True
-        self.publish(where, length, deadline)
+        self.publish(where, length, deadline, fns)  # what could not be carried does not linger
         # Whether anybody joined the call (a lingering outcome is published with nobody waiting yet):
         # the count only grows until DONE, and a linger hit does not count.
         return bool(t.u32s[self.index * U32S + I_JOINS])
@@ -443,18 +444,20 @@ class Call:
             r = mm.find(b"\1", r + 1, end)
         return n
 
-    def _write_outcome(self, value: object, error: BaseException | None) -> tuple[int, int]:
+    def _write_outcome(self, value: object, error: BaseException | None) -> tuple[int, int, bool]:
         """Outside the lock, in COMPLETING (the payload area is the owner's): encode the outcome into
-        a payload, inline in the slot or in a segment. Returns (where, length)."""
+        a payload, inline in the slot or in a segment. Returns (where, length, whether the payload is
+        fn's outcome: not an error saying it could not be carried)."""
         opts, t = self.opts, self.t
         off = t.slot_off(self.index)
         key = slot_key(t.mm[off : off + SLOT_SIZE])[0]
         payload = encode_outcome(value, error, opts.codec, opts.max_result_bytes, key, opts.name)
+        fns = _codec.is_fns(payload)
         if len(payload) <= PAYLOAD_CAP:
             if _faults.FAULT == "result":
                 self._write_inline(payload[: len(payload) // 2])
                 _faults.reached("result")
-            return self._write_inline(payload)
+            return (*self._write_inline(payload), fns)
         try:
             if _faults.FAULT == "result":
                 t.write_segment(self.index, payload[: len(payload) // 2])
@@ -463,8 +466,8 @@ class Call:
             t.write_segment(self.index, payload)  # a random name, in the slot before DONE; the table's mode
         except SegmentFull as e:
             log.warning("mpflight table %r: %s", opts.name, e)
-            return self._write_inline(_codec.pack_not_carried(str(e)))
-        return PAYLOAD_SEGMENT, len(payload)
+            return (*self._write_inline(_codec.pack_not_carried(str(e))), False)
+        return PAYLOAD_SEGMENT, len(payload), fns
 
     def _write_inline(self, payload: bytes) -> tuple[int, int]:
         """Outside the lock, in COMPLETING: a small payload, in the slot's payload area."""
@@ -946,8 +949,10 @@ def _entering(
         index = _find(t, kind, stored, len(raw), home)
         if index >= 0 and t.states[index] == DONE:  # a lingering outcome, or one whose linger ended
             if t.u64s[index * U64S + Q_LINGER] > time.monotonic_ns():
-                return _linger_hit(call, index, pid, start, tid)
-            _end_linger(t, index)
+                hit = _linger_hit(call, index, pid, start, tid)
+                if hit is not None:
+                    return hit
+            _end_linger(t, index)  # expired; or no record is free to read it: a miss, never a fallback
             index = -1
         if index >= 0:
             try:
@@ -1088,14 +1093,13 @@ def _try_join(
     return gen
 
 
-def _linger_hit(call: Call, index: int, pid: int, start: int, tid: int) -> int | str:
+def _linger_hit(call: Call, index: int, pid: int, start: int, tid: int) -> int | None:
     """Under the lock: register as a reader of the lingering outcome in ``index`` (its record keeps
-    the slot, and its segment, until this caller has read it). JOIN; "waiter records" when none is free."""
+    the slot, and its segment, until this caller has read it). JOIN; None when no record is free."""
     t = call.t
     r = t.mm.find(b"\0", t.geo.record_map, t.geo.record_map + t.records)
     if r < 0:
-        t.bump(C_FALLBACKS)
-        return "waiter records"
+        return None
     r -= t.geo.record_map
     gen = t.gen(index)
     at = t.geo.record(r)

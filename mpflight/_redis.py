@@ -757,8 +757,10 @@ class RedisEntry:
             tier.count("remote_not_shared")
             kind, payload = _NOT_SHARED, b""
         opts = self.opts
-        lingers = kind == _PAYLOAD and (
-            error is None or (opts.linger_errors and isinstance(error, Exception))
+        lingers = (
+            kind == _PAYLOAD
+            and _codec.is_fns(payload)  # not an error saying the value could not be carried
+            and (error is None or (opts.linger_errors and isinstance(error, Exception)))
         )
         try:
             joins = tier.publish(
