@@ -2,13 +2,16 @@
 
 A call lives in one slot of the table and is named by the slot's generation. Its state byte moves::
 
-            claim               finish: nobody joined
+            claim               finish: nobody joined, no linger
     FREE ----------> RUNNING ------------------------> FREE
-                       |   finish: waiters joined
-                       v
-                   COMPLETING --- publish ---> DONE --- the last reader leaves ---> FREE
-                       ^                        ^
-    RUNNING, COMPLETING '--- abort -------------'  (the owner died, or left do() early)
+                     |  ^  |   finish: waiters joined, or the outcome lingers
+                     |  |  v
+                     |  | COMPLETING --- publish ---> DONE --- the last reader leaves ---> FREE
+                     |  |  |                          ^  (and the linger, if any, is over)
+                     |  |  '--- abort ----------------|  (the owner died, or left do() early)
+                     |  '--- a waiter takes it over   |
+                     '--> vacant (RUNNING, owner pid 0): the owner is gone and a waiter may take
+                          the call over (on_abort="retry"); the last that may, leaving, ends it
 
 Who does what, under the table lock and outside it::
 
@@ -19,7 +22,8 @@ Who does what, under the table lock and outside it::
              finish: somebody joined: COMPLETING           encode the outcome, write the payload
              publish: DONE; count the registered waiters   post the slot's semaphore once each
     waiter   enter: the key's joinable call: a record      wait on the semaphore; on each slice
-                                                           check the owner
+             (a lingering outcome: a record to read it)    check the owner
+             look: take a vacant call over, or leave
              leave: drop the record; the last one FREEs    read the outcome
 
 Every write of a state byte is in this module (repair, which rebuilds what a dead lock holder left, is
