@@ -6,9 +6,9 @@
 #   _protocol                         the slot protocol: claim, join, finish, publish, wait, abort
 #   _registry                         this process's attachments to tables
 #   _tier                             the seam: the table as a tier, and a next tier behind it
-#   _housekeeping                     the reaper, gc, inflight, stats
+#   _housekeeping, _metrics           the reaper, gc, inflight, stats; the counters read for metrics
 #   _drivers, _coalesce               do/do_ex, do_future, do_async; the decorator
-#   _group, _cli                      Group, the facade; the command line
+#   _group, _cli, prometheus          Group, the facade; the command line; the prometheus_client collector
 """Coalesce duplicate work across processes: ``Group(name).do(key, fn)`` runs fn once per key at a time."""
 
 from ._codec import Codec

@@ -3,7 +3,8 @@
 Exit codes: 0 done (a table with nothing in flight is fine), 1 no such table (or one not initialised),
 2 usage or other error. Reading a table never writes to it and holds its lock only while copying a
 snapshot; ``gc`` and ``unlink`` are the only commands that change anything. Every command opens with
-``create=False``, which never creates a table nor initialises one that its creator has not finished.
+``create=False``, which never creates a table nor initialises one that its creator has not finished;
+``stats --format openmetrics`` (or ``prometheus``) maps tables read-only and takes no lock at all.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from . import _metrics
 from ._errors import MPFlightError, NoSuchTable, NotInitialised
 from ._group import Group
 from ._housekeeping import InflightCall, tables, unlink
@@ -213,12 +215,38 @@ def _watch(render: Callable[[], str], interval: float, out: TextIO) -> int:
         return EXIT_OK
 
 
+_METRIC_FORMATS: dict[str, Callable[[_metrics.Scrape], str]] = {
+    "openmetrics": _metrics.openmetrics,
+    "prometheus": _metrics.prometheus_text,
+}
+
+
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
+    fmt = args.format or ("json" if args.json else "text")
+    if args.json and fmt != "json":
+        print(f"mpflight: --json and --format {fmt} disagree", file=sys.stderr)
+        return EXIT_ERROR
+    if fmt in _METRIC_FORMATS:
+        # Written by the core (mpflight._metrics), not by prometheus_client: a host whose node_exporter
+        # reads a textfile needs no extra for it. Read-only, like the collector's scrape: one table
+        # (whose absence is exit 1, as for the other formats), or every table when none is named.
+        if args.name is None:
+            scrape = _metrics.scrape(None)
+        else:
+            scrape = _metrics.Scrape(
+                (_metrics.read_table(args.name),), dict.fromkeys(_metrics.SKIP_REASONS, 0)
+            )
+        print(_METRIC_FORMATS[fmt](scrape), end="", file=out)
+        return EXIT_OK
+    if args.name is None:
+        print("mpflight: stats needs a table's name (--format openmetrics and prometheus read every table)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
     with _open(args.name) as group:
         stats = group.stats()
     waits = stats["shared"] + stats["timeouts"]
     mean_wait = stats["wait_ns"] / waits / 1e9 if waits else 0.0
-    if args.json:
+    if fmt == "json":
         print(json.dumps({**stats, "mean_wait_s": mean_wait}, indent=2), file=out)
         return EXIT_OK
     share = f" ({stats['shared'] / stats['calls']:.1%} of calls)" if stats["calls"] else ""
@@ -333,9 +361,16 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     ins.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    st = sub.add_parser("stats", help="the counters of one table")
-    st.add_argument("name")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st = sub.add_parser("stats", help="the counters of one table (or of every table, as metrics)")
+    st.add_argument(
+        "name", nargs="?", help="the table (every table, with --format openmetrics or prometheus)"
+    )
+    st.add_argument(
+        "--format", choices=["text", "json", *_METRIC_FORMATS], default=None,
+        help="text (default), json, openmetrics (OpenMetrics text), or prometheus (the text format "
+        "node_exporter's textfile collector reads)",
+    )  # fmt: skip
+    st.add_argument("--json", action="store_true", help="the same as --format json")
     gc = sub.add_parser("gc", help="reclaim slots of dead owners and leaked result segments")
     gc.add_argument("name")
     gc.add_argument("--json", action="store_true", help="machine-readable output")

@@ -105,7 +105,12 @@ class InflightCall:
 def stats(t: Table) -> Stats:
     """The table's counters, summed over every process, and
     calls = runs - takeovers + joins + linger_hits + fallbacks."""
-    values = t.peek(lambda: t.counters.tolist() + t.tier_counters.tolist())
+    return counted(t.peek(lambda: t.counters.tolist() + t.tier_counters.tolist()))
+
+
+def counted(values: list[int]) -> Stats:
+    """The counters from their u64 values (COUNTER_NAMES, then TIER_COUNTER_NAMES), with calls: the one
+    place the identity is written (stats() and mpflight._metrics both read through it)."""
     c = dict(zip(COUNTER_NAMES + TIER_COUNTER_NAMES, values, strict=True))
     c["calls"] = c["runs"] - c["takeovers"] + c["joins"] + c["linger_hits"] + c["fallbacks"]
     return Stats(c)

@@ -39,6 +39,7 @@ from ._errors import (
     MPFlightError,
     NoSpace,
     NoSuchTable,
+    NotInitialised,
     SegmentFull,
 )
 from ._layout import HEADER_SIZE, LAYOUT_VERSION
@@ -692,6 +693,43 @@ def shm_entries() -> list[str]:
         return os.listdir(SHM_DIR)
     except OSError:
         return []
+
+
+def table_objects() -> list[tuple[int, str]]:
+    """(layout version, OS name) of every mpflight table object in /dev/shm, of any layout version."""
+    found = []
+    for entry in sorted(shm_entries()):
+        m = _TABLE_ENTRY.fullmatch(entry)
+        if m:
+            found.append((int(m.group(1)), f"/{entry}"))
+    return found
+
+
+def map_read_only(name: str, os_name: str) -> mmap.mmap:
+    """The table object ``os_name`` (of the table ``name``) mapped whole and read-only, once fstat on it
+    says it is trusted. Opened without O_CREAT and mapped PROT_READ: it is never created, initialised,
+    locked or written through this mapping, and no pid namespace is asked about (nothing read here is a
+    pid to check). Raises NoSuchTable (it is gone), AccessDenied (not ours, or refused), NotInitialised
+    (it has no header yet: its creator has not reserved it)."""
+    path = shm_path(os_name)
+    try:
+        shm = posix_ipc.SharedMemory(os_name, 0, read_only=True)
+    except posix_ipc.ExistentialError:
+        raise NoSuchTable(name) from None
+    except posix_ipc.PermissionsError:
+        raise _permission_error(name, path) from None
+    except OSError as e:  # EMFILE, ...
+        raise MPFlightError(f"cannot open mpflight table {name!r} ({path}): {e}") from None
+    try:
+        st = os.fstat(shm.fd)
+        check_table(name, path, st)
+        if st.st_size < HEADER_SIZE:
+            raise NotInitialised(name)
+        return mmap.mmap(shm.fd, st.st_size, prot=mmap.PROT_READ)
+    except OSError as e:  # ENOMEM, ...
+        raise MPFlightError(f"cannot map mpflight table {name!r} ({path}): {e}") from None
+    finally:
+        shm.close_fd()
 
 
 def table_headers() -> list[tuple[str, bytes | None]]:
