@@ -427,7 +427,7 @@ def test_gunicorn_with_recycled_workers_scraped_through_prometheus_client(
     before = time.time()
     server = started.start(
         [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{app_port}", "-w", str(WORKERS), "--max-requests", "4",
-         "--chdir", str(EXAMPLE), "wsgi:app"], env, ROOT,
+         "--chdir", str(EXAMPLE), "metrics_wsgi:app"], env, ROOT,
     )  # fmt: skip
     exporter_proc = started.start(
         [sys.executable, str(EXAMPLE / "exporter.py"), "--port", str(exporter_port)], env, home

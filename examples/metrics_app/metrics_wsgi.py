@@ -1,7 +1,7 @@
 """A WSGI app that coalesces its expensive endpoint through mpflight, and whose every worker serves the
 machine's mpflight metrics at /metrics.
 
-    gunicorn -w 4 --max-requests 1000 -b 127.0.0.1:8000 --chdir examples/metrics_app wsgi:app
+    gunicorn -w 4 --max-requests 1000 -b 127.0.0.1:8000 --chdir examples/metrics_app metrics_wsgi:app
     curl 'http://127.0.0.1:8000/value?key=report-42'
     curl http://127.0.0.1:8000/metrics
 
@@ -62,7 +62,8 @@ def expensive(key: str, gate: str | None) -> dict[str, str]:
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     if environ.get("PATH_INFO") == "/metrics":
-        return METRICS(environ, start_response)
+        metrics: Iterable[bytes] = METRICS(environ, start_response)
+        return metrics
     query = parse_qs(environ.get("QUERY_STRING", ""))
     key, gate = query.get("key", ["default"])[0], query.get("gate", [None])[0]
     try:
