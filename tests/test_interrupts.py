@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import itertools
 import json
 import linecache
@@ -281,6 +282,7 @@ class Scenario:
     failures: list[str] = field(default_factory=list)
     pending: list[Pending] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    groups: list[mpflight.Group] = field(default_factory=list)
     not_reached: list[str] = field(default_factory=list)
     fired_in: dict[str, int] = field(default_factory=dict)
     # fn may go on in a thread of its own after its run ended: it sends the peer "join" only under
@@ -297,6 +299,7 @@ class Scenario:
         self.names.append(name)
         _MADE.append(name)
         self.group = mpflight.Group(name, timeout=HANG_DEADLINE)
+        self.groups.append(self.group)
 
     def fail(self, run: Run, check: str) -> None:
         point = run.inj.fired or run.inj.target
@@ -709,6 +712,11 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
             s.closing = True
         s.peer.send("quiesce")
         s.peer.reply("quiet", "-", 4 * HANG_DEADLINE)
+        for g in s.groups:  # each table's mapping and descriptions go with its handle
+            g.close()
+        # The injected exceptions' tracebacks hold frames, and the frames threads' descriptions of the
+        # tables: collect them now rather than at some later test's expense.
+        gc.collect()
         for n in s.names:
             mpflight.unlink(n)
     summary = {
