@@ -10,16 +10,22 @@ snapshot; ``gc`` and ``unlink`` are the only commands that change anything. Ever
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.metadata
 import json
+import math
 import multiprocessing
 import os
 import random
+import re
 import reprlib
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import TextIO
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, TextIO
 
 from . import _metrics
 from ._errors import MPFlightError, NoSuchTable, NotInitialised
@@ -53,14 +59,26 @@ class _Style:
         return self(text, "2")
 
 
+# The units a duration is shown in, smallest first: (unit, its seconds, decimals shown, the value from
+# which the next unit takes over). A value is rounded to its unit's decimals before it is compared, so
+# that 0.9996 s is "1.0 s", never "1000 ms".
+_DURATION_UNITS: Final = (
+    ("ms", 1e-3, 1, 1.0),  # below a millisecond: 0.4 ms
+    ("ms", 1e-3, 0, 1000.0),
+    ("s", 1.0, 1, 60.0),
+    ("min", 60.0, 1, 60.0),
+    ("h", 3600.0, 1, math.inf),
+)
+
+
 def human_seconds(s: float) -> str:
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
+    """A duration as every command shows one: "0.4 ms", "12 ms", "1.0 s", "2.5 min", "1.2 h"."""
+    s = max(0.0, s)
+    for unit, size, decimals, limit in _DURATION_UNITS:
+        value = round(s / size, decimals)
+        if value < limit:
+            return f"{value:.{decimals}f} {unit}"
+    return f"{s / 3600:.1f} h"  # infinite or NaN
 
 
 def human_bytes(n: int | None) -> str:
@@ -79,26 +97,77 @@ def show_key(call: InflightCall) -> str:
     return text if call.key_complete else text + "…"
 
 
-def _table(rows: list[list[str]], right: set[int], style: _Style) -> str:
-    """Rows as aligned columns; the first row is the header. Styles are applied after padding."""
-    widths = [max(len(_plain(r[i])) for r in rows) for i in range(len(rows[0]))]
+def _table(rows: list[list[str]], right: set[int], style: _Style, width: int | None = None) -> list[str]:
+    """Rows as aligned columns; the first row is the header. Styles are applied after padding.
+
+    Columns are measured in display width (a CJK character or an emoji takes two cells). With
+    ``width``, the first column is shortened (its cells end in an ellipsis) until the lines fit, and a
+    line that still does not is cut: a terminal never wraps them.
+    """
+    widths = [max(display_width(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if width is not None:
+        others = sum(widths[1:]) + 2 * (len(widths) - 1)
+        widths[0] = max(min(widths[0], width - others), min(widths[0], _MIN_KEY_WIDTH))
+        rows = [[fit(row[0], widths[0]), *row[1:]] for row in rows]
     out = []
     for n, row in enumerate(rows):
         cells = []
         for i, cell in enumerate(row):
-            pad = " " * (widths[i] - len(_plain(cell)))
+            pad = " " * (widths[i] - display_width(cell))
             cells.append(pad + cell if i in right else cell + pad)
         line = "  ".join(cells).rstrip()
+        if width is not None:
+            line = fit(line, width)
         out.append(style.bold(line) if n == 0 else line)
-    return "\n".join(out)
+    return out
+
+
+_MIN_KEY_WIDTH: Final = 12  # the narrowest a key is cut to before whole lines are cut instead
+_ANSI: Final = re.compile(r"\x1b\[[0-9;]*m")
+_TOKEN: Final = re.compile(r"\x1b\[[0-9;]*m|.", re.S)  # an ANSI style, or one character
 
 
 def _plain(cell: str) -> str:
     """A cell's visible text (without ANSI styles)."""
-    while "\x1b[" in cell:
-        start = cell.index("\x1b[")
-        cell = cell[:start] + cell[cell.index("m", start) + 1 :]
-    return cell
+    return _ANSI.sub("", cell)
+
+
+@functools.lru_cache(maxsize=4096)
+def _char_width(char: str) -> int:
+    """The cells a terminal gives one character: 2 for wide (CJK, most emoji), 0 for combining marks.
+
+    From the standard library's Unicode database (East Asian Width), so that the CLI needs no
+    dependency for it; a character a terminal draws otherwise than its Unicode data says (an emoji
+    made wide by a variation selector) may still be off by a cell.
+    """
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def display_width(text: str) -> int:
+    """How many terminal cells ``text`` takes (ANSI styles take none)."""
+    return sum(_char_width(c) for c in _plain(text))
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` terminal cells, ending in an ellipsis when cut (styles are kept)."""
+    if display_width(text) <= width:
+        return text
+    if width < 1:
+        return ""
+    out, used = [], 0
+    for token in _TOKEN.findall(text):
+        if token.startswith("\x1b["):
+            out.append(token)
+            continue
+        cells = _char_width(token)
+        if used + cells > width - 1:
+            break
+        out.append(token)
+        used += cells
+    kept = "".join(out)
+    return kept + "…" + ("\x1b[0m" if _ANSI.search(kept) else "")
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -135,7 +204,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     elif len(rows) == 1:
         print("no mpflight tables on this machine", file=out)
     else:
-        print(_table(rows, right={1, 2, 3, 4, 5, 6, 7}, style=style), file=out)
+        print("\n".join(_table(rows, right={1, 2, 3, 4, 5, 6, 7}, style=style)), file=out)
     return EXIT_OK
 
 
@@ -159,6 +228,8 @@ def _inflight_rows(calls: list[InflightCall], now: float, style: _Style) -> list
 
 
 def _call_json(c: InflightCall, now: float) -> dict[str, object]:
+    """Every field of ``c`` (bytes as hex, seconds with their unit in the name), and age_s and the
+    cross-host tier's part read from its note (null without the tier)."""
     key: dict[str, object] = {"key": c.key} if isinstance(c.key, str) else {"key_hex": c.key.hex()}
     return {
         **key,
@@ -168,12 +239,13 @@ def _call_json(c: InflightCall, now: float) -> dict[str, object]:
         "started": c.started,
         "age_s": round(max(0.0, now - c.started), 6),
         "waiters": c.waiters,
+        "waiter_pids": list(c.waiter_pids),
         "state": c.state,
         "result_bytes": c.result_bytes,
         "takeovers": c.takeovers,
         "linger_left_s": None if c.linger_left is None else round(c.linger_left, 6),
-        **({"tier_hex": c.tier.hex()} if c.tier else {}),  # the state a tier behind the table keeps
-        **({"tier": parse_note(c.tier)} if parse_note(c.tier) else {}),  # the cross-host tier's, read
+        "tier_hex": c.tier.hex(),  # the state a tier behind the table keeps ("" without one)
+        "tier": parse_note(c.tier),  # the cross-host tier's part, read from it
     }
 
 
@@ -184,29 +256,116 @@ def render_inspect(group: Group, style: _Style) -> str:
     if not calls:
         return style.bold(head)
     rows = _inflight_rows(calls, now, style)
-    return style.bold(head) + "\n" + _table(rows, right={1, 3, 4, 6}, style=style)
+    return style.bold(head) + "\n" + "\n".join(_table(rows, right={1, 3, 4, 6}, style=style))
 
 
 def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
-    with _open(args.name) as group:
-        if args.json:
-            now = time.time()
-            print(json.dumps([_call_json(c, now) for c in group.inflight()], indent=2), file=out)
-            return EXIT_OK
-        style = _Style(out)
-        if not args.watch:
-            print(render_inspect(group, style), file=out)
-            return EXIT_OK
-        return _watch(lambda: render_inspect(group, style), args.interval, out)
+    group = _open(args.name)
+    if args.json or not args.watch:
+        with group:
+            if args.json:
+                now = time.time()
+                print(json.dumps([_call_json(c, now) for c in group.inflight()], indent=2), file=out)
+            else:
+                print(render_inspect(group, _Style(out)), file=out)
+        return EXIT_OK
+    watched = _Watched(args.name, group, _Style(out))
+    try:
+        return _watch(watched.render, args.interval, out)
+    finally:
+        watched.close()
 
 
-def _watch(render: Callable[[], str], interval: float, out: TextIO) -> int:
-    """Redraw ``render()`` in place every ``interval`` seconds until Ctrl-C (or SIGTERM)."""
+def _rates(before: Mapping[str, int], after: Mapping[str, int], seconds: float) -> str:
+    """What the counters did between two reads ``seconds`` apart: calls and runs per second, the share
+    of calls that did not run fn themselves (joins and linger hits), and the aborts."""
+    calls = after["calls"] - before["calls"]
+    coalesced = after["joins"] - before["joins"] + after["linger_hits"] - before["linger_hits"]
+    share = f"{coalesced / calls:.1%}" if calls > 0 else "-"
+    return (
+        f"{calls / seconds:.1f} calls/s, {(after['runs'] - before['runs']) / seconds:.1f} runs/s, "
+        f"{share} coalesced, {after['aborts'] - before['aborts']} aborts "
+        f"(last {human_seconds(seconds)})"
+    )
+
+
+class _Watched:
+    """The table that ``inspect --watch`` shows, followed by its name: when the table is removed, the
+    watch says so and waits; when a table of the name is made anew, the watch shows that one."""
+
+    def __init__(self, name: str, group: Group, style: _Style) -> None:
+        self.name, self.style = name, style
+        self.group: Group | None = group
+        self.notice = ""  # what happened to the table, shown under its header
+        self.before: tuple[float, Mapping[str, int]] | None = None  # the counters at the last refresh
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def _follow(self) -> Group | None:
+        """The table the name leads to now (None while there is none), announced when it changed."""
+        group = self.group
+        # Whether the name still leads to the mapping this process holds: inflight() and stats() read
+        # the mapping, which outlives an unlink, so without this the watch would show a dead table.
+        if group is not None and not group._table().file.replaced():
+            return group
+        stamp = time.strftime("%H:%M:%S")
+        if group is not None:
+            self.close()
+            self.notice = f"table {self.name} was removed at {stamp}; waiting for it"
+        try:
+            group = _open(self.name)
+        except (NoSuchTable, NotInitialised):
+            return None
+        except MPFlightError as e:  # another's, another version's: wait until it is ours again
+            self.notice = f"table {self.name}: {e}; waiting for it"
+            return None
+        if group._table().file.replaced():  # replaced again meanwhile, or a mapping still closing
+            group.close()
+            return None
+        self.group, self.before = group, None  # a new table counts from zero
+        self.notice = f"table {self.name} was made anew at {stamp}"
+        return group
+
+    def render(self, columns: int, lines: int) -> list[str]:
+        """One screen, at most ``lines`` lines of at most ``columns`` cells (the footer's line included)."""
+        style = self.style
+        group = self._follow()
+        if group is None:
+            return [style.bold(fit(self.notice, columns))]
+        calls, stats, now, clock = group.inflight(), group.stats(), time.time(), time.monotonic()
+        head = [style.bold(fit(f"table {group.name}: {group.slots} slots, {len(calls)} in flight", columns))]
+        if self.notice:
+            head.append(fit(self.notice, columns))
+        if self.before is None:
+            rates = "rates from the next refresh on"
+        else:
+            rates = _rates(self.before[1], stats, max(clock - self.before[0], 1e-9))
+        self.before = (clock, stats)
+        head.append(fit(rates, columns))
+        if not calls:
+            return head
+        room = lines - len(head) - 3  # the column header, the blank line and the footer below
+        shown = calls if len(calls) <= room else calls[: max(room - 1, 0)]
+        rows = _table(_inflight_rows(shown, now, style), right={1, 3, 4, 6}, style=style, width=columns)
+        if len(shown) < len(calls):
+            rows.append(f"... {len(calls) - len(shown)} more")
+        return head + rows
+
+
+def _watch(render: Callable[[int, int], list[str]], interval: float, out: TextIO) -> int:
+    """Redraw ``render(columns, lines)`` in place every ``interval`` seconds until Ctrl-C (or SIGTERM),
+    fitted to the terminal's size at each redraw: the cursor stays on the last line, so nothing scrolls."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
+            columns, lines = shutil.get_terminal_size()
             stamp = time.strftime("%H:%M:%S")
-            out.write(f"\x1b[H\x1b[2J{render()}\n\nrefreshed {stamp} every {interval:g} s; Ctrl-C quits\n")
+            screen = render(columns, lines)
+            footer = fit(f"refreshed {stamp} every {human_seconds(interval)}; Ctrl-C quits", columns)
+            out.write("\x1b[H\x1b[2J" + "\n".join([*screen, "", footer]))
             out.flush()
             time.sleep(interval)
     except KeyboardInterrupt:
@@ -250,18 +409,34 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         print(json.dumps({**stats, "mean_wait_s": mean_wait}, indent=2), file=out)
         return EXIT_OK
     share = f" ({stats['shared'] / stats['calls']:.1%} of calls)" if stats["calls"] else ""
-    rows = [
-        ["calls", str(stats["calls"]), ""],
-        ["runs", str(stats["runs"]), "executions of fn by owners"],
-        ["shared", str(stats["shared"]), f"waiters served another's outcome{share}"],
-        ["errors", str(stats["errors"]), "fn raised"],
-        ["aborts", str(stats["aborts"]), "calls whose owner died or left fn abnormally"],
-        ["timeouts", str(stats["timeouts"]), "waiters that gave up"],
-        ["fallbacks", str(stats["fallbacks"]), "calls run alone: the table was full"],
-        ["mean wait", human_seconds(mean_wait), ""],
-    ]
-    print(_table([["COUNTER", "VALUE", ""], *rows], right={1}, style=_Style(out)), file=out)
+    notes = {**_COUNTER_NOTES, "shared": _COUNTER_NOTES["shared"] + share}
+    order = ["calls", *(k for k in stats if k != "calls")]  # every counter stats() has, calls first
+    rows = [[k, str(stats[k]), notes.get(k, "")] for k in order]
+    rows.append(["mean wait", human_seconds(mean_wait), "wait_ns over shared and timeouts"])
+    print("\n".join(_table([["COUNTER", "VALUE", ""], *rows], right={1}, style=_Style(out))), file=out)
     return EXIT_OK
+
+
+# What ``stats`` says of each counter (docs/operations.md, "The counters", has the whole story); a
+# counter without a note is shown all the same.
+_COUNTER_NOTES: Final = {
+    "calls": "runs - takeovers + joins + linger_hits + fallbacks",
+    "runs": "executions of fn by owners, takeovers included",
+    "joins": "calls that waited on another caller's run",
+    "shared": "waiters served another's outcome",
+    "errors": "fn raised",
+    "aborts": "calls whose owner died or left fn abnormally",
+    "timeouts": "waiters that gave up",
+    "fallbacks": "calls run alone: the table was full",
+    "wait_ns": "time waiters spent waiting, in nanoseconds",
+    "takeovers": "waiters that took a call over from an owner that was gone",
+    "linger_hits": "calls served a lingering outcome",
+    "remote_owners": "runs that owned the call fleet-wide (redis=)",
+    "remote_joins": "runs that waited on another host's owner (redis=)",
+    "remote_fallbacks": "Redis steps that failed: the host coalesced alone",
+    "remote_fenced": "late publishes that Redis rejected",
+    "remote_not_shared": "outcomes above max_remote_bytes, not shared across hosts",
+}
 
 
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
@@ -285,6 +460,10 @@ def cmd_unlink(args: argparse.Namespace, out: TextIO) -> int:
         print(f"no mpflight table named {args.name!r}", file=sys.stderr)
         return EXIT_NO_TABLE
     if not args.yes:
+        if sys.stdin is None or not sys.stdin.isatty():  # a script, cron, a pipe: nobody to answer
+            print(f"mpflight: not removing table {args.name!r}: nobody to confirm it (stdin is not a "
+                  "terminal); pass --yes", file=sys.stderr)  # fmt: skip
+            return EXIT_ERROR
         question = f"Remove table {args.name!r} with its semaphores and segments? [y/N] "
         print(question, end="", file=out, flush=True)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
@@ -338,9 +517,11 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     calls, runs = stats["calls"], stats["runs"]
     lines = [
         f"{args.workers} worker processes made {calls} calls on {args.keys} keys; "
-        f"fn takes {args.delay * 1000:.0f} ms",
+        f"fn takes {human_seconds(args.delay)}",
         f"fn ran {runs} times; {stats['shared']} calls took the outcome of another's execution",
         f"without mpflight, fn would have run {calls} times: {calls / max(runs, 1):.1f}x the work",
+        f"(the demo removed its table {name}; with your own, 'mpflight ls' lists the tables of the"
+        " machine and 'mpflight inspect NAME --watch' shows their calls live)",
     ]
     print("\n".join(lines), file=out)
     return EXIT_OK
@@ -349,19 +530,89 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 # -- main ------------------------------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _seconds(text: str, *, zero: bool = True) -> float:
+    """An argparse type: a finite number of seconds, not negative (nor zero, unless ``zero``)."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(s) or s < 0 or (s == 0 and not zero):
+        raise argparse.ArgumentTypeError(
+            f"must be {'0 or more' if zero else 'more than 0'} seconds, not {text}"
+        )
+    return s
+
+
+def _interval(text: str) -> float:
+    return _seconds(text, zero=False)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mpflight")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and shows how it is run."""
+    return sub.add_parser(
+        name, help=summary, description=description, epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mpflight", description="See and clean up the mpflight tables of this machine."
-    )
+        prog="mpflight", description="See and clean up the mpflight tables of this machine.",
+        epilog="examples:\n  mpflight ls\n  mpflight inspect NAME --watch\n  mpflight COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"mpflight {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ls = sub.add_parser("ls", help="every mpflight table on this machine")
+    ls = _command(
+        sub, "ls", "every mpflight table on this machine",
+        "List every mpflight table of this machine: its slots, the calls in flight and its counters.\n"
+        "Reclaims what dead processes left behind, as every process's reaper does.",
+        "  mpflight ls\n  mpflight ls --json | jq '.[].name'",
+    )  # fmt: skip
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ins = sub.add_parser("inspect", help="the calls in flight in one table")
+    ins = _command(
+        sub, "inspect", "the calls in flight in one table",
+        "Show the calls in flight in one table, oldest first: key, owner and whether it lives, age,\n"
+        "waiters, state and the size of the outcome. --watch redraws it every --interval seconds\n"
+        "with the rates since the last redraw, and follows the name when the table is made anew.",
+        "  mpflight inspect thumbnails\n  mpflight inspect thumbnails --watch --interval 0.5\n"
+        "  mpflight inspect thumbnails --json",
+    )  # fmt: skip
     ins.add_argument("name")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
-    ins.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    st = sub.add_parser("stats", help="the counters of one table (or of every table, as metrics)")
+    ins.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes (default 1)")
+    st = _command(
+        sub, "stats", "the counters of one table (or of every table, as metrics)",
+        "Show every counter of one table, summed over every process since the table was made.\n"
+        "--format openmetrics or prometheus writes them as metrics, of every table when none is named.",
+        "  mpflight stats thumbnails\n  mpflight stats thumbnails --json\n"
+        "  mpflight stats --format prometheus > /var/lib/node_exporter/mpflight.prom",
+    )  # fmt: skip
     st.add_argument(
         "name", nargs="?", help="the table (every table, with --format openmetrics or prometheus)"
     )
@@ -371,17 +622,34 @@ def parser() -> argparse.ArgumentParser:
         "node_exporter's textfile collector reads)",
     )  # fmt: skip
     st.add_argument("--json", action="store_true", help="the same as --format json")
-    gc = sub.add_parser("gc", help="reclaim slots of dead owners and leaked result segments")
+    gc = _command(
+        sub, "gc", "reclaim slots of dead owners and leaked result segments",
+        "Reclaim what dead processes left in one table: their calls (a dead owner's call that live\n"
+        "waiters still wait on is aborted), their waiter records and orphaned result segments.\n"
+        "Safe while workers are live.",
+        "  mpflight gc thumbnails\n  mpflight gc thumbnails --json",
+    )  # fmt: skip
     gc.add_argument("name")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
-    un = sub.add_parser("unlink", help="remove a table, its semaphores and segments")
+    un = _command(
+        sub, "unlink", "remove a table, its semaphores and segments",
+        "Remove one table with its semaphores and result segments. It asks first on a terminal;\n"
+        "without one (a script, cron) it refuses unless --yes is given. Live workers move to a new\n"
+        "table of the name.",
+        "  mpflight unlink thumbnails\n  mpflight unlink thumbnails --yes",
+    )  # fmt: skip
     un.add_argument("name")
     un.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    d = sub.add_parser("demo", help="watch worker processes coalesce their calls")
-    d.add_argument("--workers", type=int, default=8)
-    d.add_argument("--keys", type=int, default=4)
-    d.add_argument("--calls", type=int, default=40, help="calls per worker")
-    d.add_argument("--delay", type=float, default=0.05, help="seconds fn takes")
+    d = _command(
+        sub, "demo", "watch worker processes coalesce their calls",
+        "Start worker processes that call a few keys at once in a table of their own (removed after),\n"
+        "and compare how often fn ran with how often it was called.",
+        "  mpflight demo\n  mpflight demo --workers 16 --keys 2 --delay 0.2",
+    )  # fmt: skip
+    d.add_argument("--workers", type=_count, default=8, help="worker processes (default 8)")
+    d.add_argument("--keys", type=_count, default=4, help="distinct keys they call (default 4)")
+    d.add_argument("--calls", type=_count, default=40, help="calls per worker (default 40)")
+    d.add_argument("--delay", type=_seconds, default=0.05, help="seconds fn takes (default 0.05)")
     return p
 
 
@@ -400,9 +668,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2
         return int(e.code or 0)
-    if getattr(args, "interval", 1.0) <= 0:
-        print("mpflight: --interval must be positive", file=sys.stderr)
-        return EXIT_ERROR
     try:
         return COMMANDS[args.command](args, sys.stdout)
     except (NoSuchTable, NotInitialised) as e:
