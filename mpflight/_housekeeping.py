@@ -44,6 +44,8 @@ log = logging.getLogger("mpflight")
 # How often each process's reaper sweeps its tables: what no live process takes part in any more is
 # reclaimed within about two intervals (a call must be seen at two sweeps before psutil is asked).
 REAP_INTERVAL: Final = 0.5
+# How long a sweep waits for one table's lock before it leaves that table to the next sweep.
+SWEEP_LOCK_WAIT: Final = 1.0
 # A wait for the table lock longer than this (without a deadline) is logged once, naming the holder.
 LONG_LOCK_WAIT: Final = 5.0
 
@@ -174,11 +176,12 @@ def _snapshot(t: Table) -> tuple[list[tuple[int, int, bytes]], list[tuple[Any, .
     return copies, records
 
 
-def reclaim(t: Table, *, idle_only: bool = False) -> Reclaimed:
+def reclaim(t: Table, *, idle_only: bool = False, deadline: float | None = None) -> Reclaimed:
     """gc's work: end the calls and records of dead processes, what this process's callers left when
     an exception took them out of a call, and orphaned segments. ``idle_only`` leaves alone a dead
-    owner's call that a live waiter still waits on: that waiter reports the abort itself."""
-    owners, waiters = t.locked(_survey, t)
+    owner's call that a live waiter still waits on: that waiter reports the abort itself. Raises
+    LockTimeout if the table lock is not free by ``deadline`` (monotonic)."""
+    owners, waiters = t.locked(_survey, t, deadline=deadline)
     me = _owner.identity()
     alive: dict[tuple[int, int], bool] = {me: True}
 
@@ -194,7 +197,7 @@ def reclaim(t: Table, *, idle_only: bool = False) -> Reclaimed:
         dead_calls = [call for call in dead_calls if call[:2] not in watched]
     if "dead-waiters" in _faults.DISABLED:
         dead_waiters = []
-    reclaimed = t.locked(_reclaimed, t, dead_calls, dead_waiters)
+    reclaimed = t.locked(_reclaimed, t, dead_calls, dead_waiters, deadline=deadline)
     if any(reclaimed.values()):
         log.warning("mpflight table %r: reclaimed %s", t.group, dict(reclaimed))
     return reclaimed
@@ -320,7 +323,8 @@ class Reaper:
         stuck = busy & at.seen_busy
         at.seen_busy = busy
         if orphans or stuck:
-            reclaim(t, idle_only=True)
+            # Bounded: a table whose lock is held (a stopped process) must not hold up the others'.
+            reclaim(t, idle_only=True, deadline=time.monotonic() + SWEEP_LOCK_WAIT)
 
 
 reaper: Final = Reaper()

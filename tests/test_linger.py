@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -32,6 +33,7 @@ import pytest
 
 import mpflight
 import mpflight._housekeeping
+import mpflight._locks
 from tests import workers
 from tests.conftest import shm_entries
 from tests.helpers import (
@@ -433,6 +435,30 @@ def test_the_reaper_frees_an_expired_linger(name: str, tmp_path: Path) -> None:
             assert group.do("k", record, runs, "big") == BIG
             assert busy_slots(group) == 1 and len(segments(name)) == 1
         wait_until(lambda: busy_slots(group) == 0, "the reaper to free the slot")
+        assert segments(name) == []
+
+
+def test_a_table_whose_lock_is_held_does_not_hold_up_the_reaper(name: str, tmp_path: Path) -> None:
+    """The reaper wants to sweep a table whose lock somebody holds (a stopped process): it gives that
+    table up for the round, and frees another table's expired linger all the same."""
+    runs = Gate(tmp_path).runs
+    held = f"{name}-held"
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(mpflight.unlink, held)
+        _reaper_past_a_held_lock(held, name, runs)
+
+
+def _reaper_past_a_held_lock(held: str, name: str, runs: Path) -> None:
+    with mpflight.Group(held, linger=LONG) as stuck, mpflight.Group(name, linger=SHORT) as group:
+        with no_reaper():
+            assert stuck.do("s", record, runs, "s") == "s"  # busy at every sweep: one the reaper takes on
+            assert group.do("k", record, runs, "big") == BIG
+        fd = os.open(mpflight._locks.shm_path(stuck._table().file.os_name), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a description of its own: it keeps the reaper out too
+            wait_until(lambda: busy_slots(group) == 0, "the reaper to free the slot")
+        finally:
+            os.close(fd)
         assert segments(name) == []
 
 
