@@ -16,7 +16,8 @@ redis-server started here on a free loopback port), ``manager`` (multiprocessing
 dict and a Condition). The lock-based peers share only overlapping calls, like mpflight: a result
 counts only if it was written after the caller began. Wake-up times run from the moment fn returns.
 A row named ``mpflight OPTION=VALUE`` runs mpflight with that Group option (W5's on_abort="retry",
-W7's linger=).
+W7's linger=). W8 serves tests/collapse_app.py under real gunicorn (sync x4), with and without
+mpflight.wsgi.collapse, and sends it bursts of identical HTTP requests.
 """
 
 from __future__ import annotations
@@ -731,6 +732,140 @@ def w7(env: dict[str, Any], quick: bool) -> dict[str, Any]:
     return out
 
 
+# -- W8: request collapsing under real gunicorn ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+W8_WORKERS = 4  # gunicorn sync workers: each serves one request at a time
+W8_CLIENTS = 16  # identical requests sent at once, each on its own connection
+W8_SLEEP = 0.05  # the app's time
+# Who W8 runs: (row, the served app's environment beyond its group and log).
+W8_ROWS = [
+    ("none", {"COLLAPSE_OFF": "1"}),
+    ("mpflight.wsgi.collapse", {}),
+    ("mpflight.wsgi.collapse linger=0.5", {"COLLAPSE_LINGER": "0.5"}),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http_get(port: int, target: str, timeout: float = 60.0) -> tuple[int, bytes]:
+    """One GET on a connection of its own, closed after the answer (no keep-alive)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", target, headers={"Connection": "close"})
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def gunicorn_sync(name: str, log: Path, output: Path, **env: str) -> Iterator[int]:
+    """tests/collapse_app.py under gunicorn sync x W8_WORKERS on a free loopback port; yields the port
+    once it answers. Stopped (SIGTERM, wait, then SIGKILL to its process group) and the group's table
+    unlinked on the way out."""
+    port = _free_port()
+    full = dict(os.environ, PYTHONPATH=str(ROOT), COLLAPSE_GROUP=name, COLLAPSE_LOG=str(log), **env)
+    argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(W8_WORKERS),
+            "-k", "sync", "tests.collapse_app:wsgi"]  # fmt: skip
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, env=full, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"gunicorn exited: {output.read_text()[-2000:]}")
+                try:
+                    if _http_get(port, "/", timeout=5)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gunicorn did not answer within 60 s")
+                time.sleep(0.05)
+            yield port
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            mpflight.unlink(name)
+
+
+def _burst(port: int, target: str, clients: int) -> list[tuple[int, bytes, float]]:
+    """``clients`` threads send ``target`` at once (a barrier), each on a new connection: (status,
+    body, seconds from the send to the whole answer), or (0, error, seconds) for a failed request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(clients)
+
+    def one(_: int) -> tuple[int, bytes, float]:
+        barrier.wait()
+        start = time.perf_counter()
+        try:
+            status, body = _http_get(port, target)
+        except Exception as e:
+            status, body = 0, repr(e).encode()
+        return status, body, time.perf_counter() - start
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(clients)))
+
+
+def collapsed_rounds(port: int, log: Path, tag: str, rounds: int) -> dict[str, Any]:
+    """``rounds`` bursts of W8_CLIENTS identical requests, a fresh id each (after one uncounted round
+    that warms every worker up); the app's executions of each id are the log's lines for it."""
+    _burst(port, f"/page?id={tag}-warm&sleep={W8_SLEEP:g}", W8_CLIENTS)
+    latencies: list[float] = []
+    ids, identical, distinct, failures = [], 0, [], 0
+    for r in range(rounds):
+        ident = f"{tag}-{r}"
+        answers = _burst(port, f"/page?id={ident}&sleep={W8_SLEEP:g}", W8_CLIENTS)
+        ids.append(ident)
+        latencies += [a[2] for a in answers]
+        failures += sum(a[0] != 200 for a in answers)
+        identical += len({a[1] for a in answers}) == 1 and all(a[0] == 200 for a in answers)
+        distinct.append(len({a[1] for a in answers if a[0] == 200}))
+    runs = Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith("run "))
+    executions = [runs[i] for i in ids]
+    return {
+        "executions_per_round": statistics.mean(executions),
+        "executions_max": max(executions),
+        "executions": executions,
+        "requests_per_round": W8_CLIENTS,
+        "rounds": rounds,
+        "identical_rounds": identical,  # rounds whose every response had the same bytes
+        "distinct_bodies_per_round": statistics.mean(distinct),  # the app's body names its execution
+        "latency": summary(latencies),
+        "failures": failures,
+    }
+
+
+def w8(env: dict[str, Any], quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-w8-"))
+    try:
+        for i, (row, extra) in enumerate(W8_ROWS):
+            name, log = f"bench-{os.getpid()}-w8-{i}", tmp / f"runs-{i}.log"
+            with gunicorn_sync(name, log, tmp / f"gunicorn-{i}.out", **extra) as port:
+                out[row] = collapsed_rounds(port, log, f"r{i}", 3 if quick else 20)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # -- floors ---------------------------------------------------------------------------------------------------
 
 
@@ -931,6 +1066,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def w8_targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    if r.get("w8") is None:
+        return []
+    bare, once, held = (r["w8"][k] for k, _ in W8_ROWS)
+    return [
+        (
+            f"W8: collapse runs the app at most once per worker per round (<= {W8_WORKERS} of {W8_CLIENTS}) and linger=0.5 once",
+            f"at most {once['executions_max']:g} (mean {once['executions_per_round']:g}); linger=0.5: at most"
+            f" {held['executions_max']:g} (none: {bare['executions_per_round']:g})",
+            once["executions_max"] <= W8_WORKERS
+            and all(n == 1 for n in held["executions"])
+            and not once["failures"] + held["failures"],
+        )
+    ]
+
+
 def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     rows: list[tuple[str, str, bool | None]] = []
     w1r = r["w1"]
@@ -1026,6 +1177,7 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             once["executions_per_window"] == 1,
         )
     )
+    rows += w8_targets(r)
     f = r["scaling"]["fill"]
     rows.append(
         (
@@ -1044,6 +1196,26 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         )
     )
     return rows
+
+
+def w8_markdown(r: dict[str, Any]) -> list[str]:
+    if r.get("w8") is None:
+        return []
+    lines = [
+        "",
+        f"## W8: request collapsing under gunicorn sync x{W8_WORKERS} ({W8_CLIENTS} identical requests, app {W8_SLEEP * 1e3:g} ms)",
+        "",
+        f"tests/collapse_app.py under `gunicorn -w {W8_WORKERS}` (sync); each round {W8_CLIENTS} client threads send `GET /page?id=<fresh id>&sleep={W8_SLEEP:g}` at once, one connection per request (no keep-alive). Latency runs from a request's send to its whole answer; app executions are the app's own log lines for the round's id; each body names the execution that made it.",
+        "",
+        "| row | app executions per round (mean / max) | rounds | latency p50 ms | p99 | max | rounds with identical bytes in every response | distinct bodies per round | failures |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, v in r["w8"].items():
+        lat = v["latency"]
+        lines.append(
+            f"| {k} | {v['executions_per_round']:g} / {v['executions_max']:g} | {v['rounds']} | {ms(lat['median'])} | {ms(lat['p99'])} | {ms(lat['max'])} | {v['identical_rounds']} of {v['rounds']} | {v['distinct_bodies_per_round']:g} | {v['failures']} |"
+        )
+    return lines
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -1183,6 +1355,7 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {k} | {v['executions_per_window']:g} | {v['requests_per_window']} | {shared} | {v['requests_per_s']:.0f} | {ms(lat['median'])} | {ms(lat['p90'])} | {ms(lat['max'])} |"
         )
+    lines += w8_markdown(r)
     fl = r["floors"]
     lines += [
         "",
@@ -1230,7 +1403,16 @@ def main() -> int:
         env = {"redis_port": port}
         if port is None:
             print("note: redis-server is not installed: the redis peer is skipped", file=sys.stderr)
-        runs = (("w1", w1), ("w2", w2), ("w3", w3), ("w4", w4), ("w5", w5), ("w6", w6), ("w7", w7))
+        runs = (
+            ("w1", w1),
+            ("w2", w2),
+            ("w3", w3),
+            ("w4", w4),
+            ("w5", w5),
+            ("w6", w6),
+            ("w7", w7),
+            ("w8", w8),
+        )
         for name, run in runs:
             started = time.monotonic()
             results[name] = run(env, args.quick)
