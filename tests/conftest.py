@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,16 @@ def shm_entries(name: str) -> list[str]:
 
 
 _made: list[str] = []  # the names this session's tests used
+# Descriptors held by garbage (a traceback's frames keep a dead thread's description of a table) are
+# collected once this many are open, so that a long run never nears select()'s limit of 1024.
+FD_COLLECT = 256
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_descriptors() -> Iterator[None]:
+    yield
+    if len(os.listdir("/proc/self/fd")) > FD_COLLECT:
+        gc.collect()
 
 
 @pytest.fixture

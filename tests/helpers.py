@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -153,3 +155,16 @@ def table_problems(group: mpflight.Group) -> list[str]:
         if t.homes.tolist() != homes:
             problems.append(f"home counts {t.homes.tolist()} != {homes}")
     return problems
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server started in a session of its own (start_new_session=True): SIGTERM, then SIGKILL
+    if it does not exit; then its session, so that workers a failed test left blocked go too."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(DEADLINE)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

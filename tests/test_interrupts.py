@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import gc
 import itertools
 import json
 import linecache
@@ -714,9 +713,6 @@ def test_an_exception_at_every_delivery_point_leaves_nothing_behind(
         s.peer.reply("quiet", "-", 4 * HANG_DEADLINE)
         for g in s.groups:  # each table's mapping and descriptions go with its handle
             g.close()
-        # The injected exceptions' tracebacks hold frames, and the frames threads' descriptions of the
-        # tables: collect them now rather than at some later test's expense.
-        gc.collect()
         for n in s.names:
             mpflight.unlink(n)
     summary = {

@@ -8,11 +8,9 @@ The served app (tests/collapse_app.py) answers once inflight() shows the waiters
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +27,7 @@ import pytest
 import mpflight
 import mpflight.asgi
 import mpflight.wsgi
-from tests.helpers import DEADLINE, ROOT, wait_until
+from tests.helpers import DEADLINE, ROOT, stop_server, wait_until
 
 REQUEST_DEADLINE = 60.0
 
@@ -67,7 +65,11 @@ class Served:
             [sys.executable, *argv], env=full, stdout=self.output, stderr=subprocess.STDOUT, cwd=ROOT,
             start_new_session=True,
         )  # fmt: skip
-        wait_until(self._answers, "the server to answer")
+        try:
+            wait_until(self._answers, "the server to answer")
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         assert self.proc.poll() is None, f"the server exited: {Path(self.output.name).read_text()}"
@@ -105,14 +107,7 @@ class Served:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(DEADLINE)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
         self.output.close()
 
 

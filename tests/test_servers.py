@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -23,7 +22,7 @@ import psutil
 import pytest
 
 import mpflight
-from tests.helpers import DEADLINE, ROOT, wait_until, waiting
+from tests.helpers import DEADLINE, ROOT, stop_server, wait_until, waiting
 
 EXAMPLES = ROOT / "examples"
 # A request that takes longer than this has hung: the test fails instead of waiting forever.
@@ -60,7 +59,11 @@ class Server:
         )
         for key in ("ready",):
             (self.gate / key).touch()
-        wait_until(self._answers, "the server to answer", deadline=DEADLINE)
+        try:
+            wait_until(self._answers, "the server to answer", deadline=DEADLINE)
+        except BaseException:  # a server that never answered must not outlive the test
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         assert self.proc.poll() is None, f"the server exited: {(self.output.name)}"
@@ -102,15 +105,7 @@ class Server:
         return runs
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(DEADLINE)
-        # Workers a failed test left blocked (or the master left behind) go with their session.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
         self.output.close()
 
 
