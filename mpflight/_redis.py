@@ -280,6 +280,8 @@ class RedisTier:
         self._wake.set()
         if client is not None and self._given is None and self._pid == os.getpid():
             client.close()
+            # A client made on a pool it was given does not close the pool: its sockets go here.
+            client.connection_pool.disconnect()
 
     def _from_url(self, url: str) -> Any:
         from redis.backoff import NoBackoff

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -729,6 +730,29 @@ def test_rediss_with_an_acl_user_limited_to_the_prefix_works(
     with _in_process_hosts(server, name, "ab", url=url, fail="closed") as g:
         held = _Held(server, name, g["a"], lambda: "a", g["b"], lambda: "b ran")
         assert held.end() == {"owner": mpflight.Result("a", True), "waiter": mpflight.Result("a", True)}
+
+
+def test_closing_a_group_closes_its_connections_to_redis(
+    tls_server: tuple[RedisServer, int, str], name: str
+) -> None:
+    """Every connection the handle opened (plain or TLS, the pool's and the reader's) is closed by
+    close(), not left for the garbage collector."""
+    plain, port, ca = tls_server
+    for url, at in (
+        (plain.url, plain.port),
+        (f"rediss://app:secret-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}", port),
+    ):
+        with mpflight.Group(name, redis=url, fail="closed") as g:
+            assert g.do("k", lambda: 1) == 1
+            assert _connections_to(at) > 0
+        assert _connections_to(at) == 0, f"close() left connections to {url.split('@')[-1]}"
+
+
+def _connections_to(port: int) -> int:
+    return sum(
+        1 for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("fail", ["open", "closed"])
