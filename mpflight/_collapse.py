@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -62,12 +63,16 @@ class Policy:
         self.options = options
         Group(name, **options).close()  # bad options fail here, at the app's start, not per request
         self._group: Group | None = None
+        self._making = threading.Lock()
 
     @property
     def group(self) -> Group:
         group = self._group
         if group is None:
-            group = self._group = Group(self.name, **self.options)
+            with self._making:  # the first requests of a threaded worker: one handle, not one each
+                group = self._group
+                if group is None:
+                    group = self._group = Group(self.name, **self.options)
         return group
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import mpflight
+import mpflight._collapse
 import mpflight.asgi
 import mpflight.wsgi
 from tests.helpers import DEADLINE, ROOT, stop_server, wait_until
@@ -339,6 +340,32 @@ def test_in_process_threads_share_one_run(name: str) -> None:
     answers = _together(app, [_environ()] * 3)
     assert [a[0] for a in answers] == ["200 OK"] * 3
     assert inner.runs == 1
+
+
+def test_the_first_requests_of_many_threads_open_one_handle(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A threaded worker's first requests come at once: they share one Group handle, not one each."""
+    made: list[mpflight.Group] = []
+
+    class Counted(mpflight.Group):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+            time.sleep(0.05)  # a slow open: without the lock, every thread would make its own
+
+    monkeypatch.setattr(mpflight._collapse, "Group", Counted)
+    inner = App(name, waiters=0)
+    app = mpflight.wsgi.collapse(inner, name=name)
+    del made[:]  # the handle that checked the options, closed at once
+    start = threading.Barrier(6)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(
+            pool.map(lambda _: (start.wait(DEADLINE), _call(app, _environ(path=f"/{_}")))[1], range(6))
+        )
+    assert [a[0] for a in answers] == ["200 OK"] * 6
+    assert len(made) == 1
+    made[0].close()
 
 
 def test_a_body_past_max_body_streams_to_its_own_client_and_is_not_shared(name: str) -> None:
