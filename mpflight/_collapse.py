@@ -21,6 +21,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
+from urllib.parse import quote
 
 from ._errors import AbortError, WaitTimeout
 from ._group import Group
@@ -61,6 +62,11 @@ class Policy:
         self.methods = wanted
         self.name = name
         self.options = options
+        limit = options.get("max_result_bytes")
+        if isinstance(limit, int) and max_body >= limit:
+            raise ValueError(
+                f"max_body ({max_body}) must be below max_result_bytes ({limit}): a shared body travels in it"
+            )
         Group(name, **options).close()  # bad options fail here, at the app's start, not per request
         self._group: Group | None = None
         self._making = threading.Lock()
@@ -80,17 +86,31 @@ class Policy:
         if group is not None:
             group.close()
 
-    def key(self, method: str, target: str, headers: Mapping[str, str]) -> str:
-        """The call's key: the request line, and a digest of the vary headers' values when any is sent."""
+    def key(self, method: str, url: tuple[str, str, str, str], headers: Mapping[str, str]) -> str:
+        """The call's key: the request line, and a digest of the vary headers' values when any is sent.
+
+        ``url`` is (scheme, host, path with its script root, query), each percent-quoted here, so that
+        no two different requests make one key (``/a%3Fb`` is not ``/a?b``; a host never holds a
+        path)."""
+        scheme, host, path, query = url
+        target = f"{quote(scheme, safe='')}://{quote(host, safe=':[]')}{quote(path, safe=_PATH_SAFE)}"
+        if query:
+            target += "?" + quote(query, safe=_PATH_SAFE + "?")
         sent = [(h, headers[h]) for h in self.vary if h in headers]
         return f"{method} {target}" + (f" #{digest(sent)}" if sent else "")
 
 
+# What stays as it is in a key's path and query (RFC 3986's pchar, without the percent sign).
+_PATH_SAFE: Final = "/:@!$&'()*+,;=-._~"
+# Conditional requests: their answer (304, 412) depends on what the client holds.
+CONDITIONAL: Final = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range")
+
+
 def collapsible(method: str, headers: Mapping[str, str], policy: Policy) -> bool:
-    """Whether a request may share a response: a GET or HEAD without a body or a range."""
-    if method not in policy.methods or "range" in headers:
+    """Whether a request may share a response: a GET or HEAD without a body, a range or a condition."""
+    if method not in policy.methods or "range" in headers or "transfer-encoding" in headers:
         return False
-    if "transfer-encoding" in headers:
+    if any(h in headers for h in CONDITIONAL):
         return False
     length = headers.get("content-length", "0").strip()
     return length in ("", "0")
@@ -113,9 +133,13 @@ def response_vary(headers: Iterable[tuple[str, str]]) -> list[str]:
     return sorted(tokens(value for name, value in headers if name.lower() == "vary"))
 
 
-def not_shared(headers: Iterable[tuple[str, str]]) -> str | None:
+def not_shared(headers: Iterable[tuple[str, str]], status: int = 200) -> str | None:
     """Why a response with these headers must not be handed to other clients, or None."""
     headers = list(headers)
+    if is_stream(headers):
+        return "a stream"
+    if status in (304, 412):
+        return f"a {status}, which answers the request's own condition"
     names = {name.lower() for name, _ in headers}
     if "set-cookie" in names:
         return "Set-Cookie"
@@ -124,10 +148,13 @@ def not_shared(headers: Iterable[tuple[str, str]]) -> str | None:
         return "Cache-Control: " + ", ".join(sorted(cache & {"private", "no-store"}))
     if "*" in response_vary(headers):
         return "Vary: *"
-    types = [value for name, value in headers if name.lower() == "content-type"]
-    if any(value.split(";", 1)[0].strip().lower() == "text/event-stream" for value in types):
-        return "a stream"
     return None
+
+
+def is_stream(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether the response is an event stream, which goes to its own client as it comes."""
+    types = [value for name, value in headers if name.lower() == "content-type"]
+    return any(value.split(";", 1)[0].strip().lower() == "text/event-stream" for value in types)
 
 
 def vary_digest(vary: list[str], headers: Mapping[str, str]) -> str:
@@ -139,7 +166,7 @@ def unavailable(e: BaseException) -> tuple[int, str] | None:
     """The answer of a waiter whose call ended without an outcome: 503 (with Retry-After), or None
     when ``e`` is the app's own exception, which propagates."""
     if isinstance(e, AbortError):
-        return 503, f"the request that was answering this one ended without a response: {e.reason}\n"
+        return 503, "the request that was answering this one ended without a response; try again\n"
     if isinstance(e, WaitTimeout):
-        return 503, "gave up waiting for the request that was answering this one\n"
+        return 503, "gave up waiting for the request that was answering this one; try again\n"
     return None

@@ -27,6 +27,7 @@ from ._collapse import (
     unavailable,
     vary_digest,
 )
+from ._errors import SerializationError
 
 __all__ = ["collapse"]
 
@@ -66,11 +67,16 @@ class _Collapsed:
         if scope["type"] != "http" or not collapsible(method, headers, self.policy):
             await self.app(scope, receive, send)
             return
-        run = _Run(self.app, scope, send, self.policy.max_body)
-        key = self.policy.key(method, _target(scope, headers), headers)
+        run = _Run(self.app, scope, receive, send, self.policy.max_body)
+        key = self.policy.key(method, _url(scope, headers), headers)
         try:
             outcome = await self.policy.group.do_async(key, run.run)
         except Exception as e:
+            if run.ran:  # the app's own exception (mpflight's too, if the app uses it)
+                raise
+            if isinstance(e, SerializationError):  # the owner's response could not travel here
+                await self.app(scope, receive, send)
+                return
             answer = unavailable(e)
             if answer is None:
                 raise
@@ -83,7 +89,7 @@ class _Collapsed:
             )
             return
         if run.ran:  # this request ran the app: it answers with what it made, shared or not
-            await run.replay()
+            await run.finish()
             return
         if outcome[0] == SHARED:
             _, status, response_headers, body, vary, seen = outcome
@@ -95,76 +101,107 @@ class _Collapsed:
 
 class _Run:
     """The owner's run of the app, as a coroutine function for do_async: it collects the response and
-    says whether others may have it. A stream, or a body past max_body, goes to this request's client
-    as it comes, and to nobody else."""
+    says whether others may have it.
 
-    def __init__(self, app: App, scope: Scope, send: Send, max_body: int) -> None:
+    The app runs in a task of its own. While its response may still be shared, it reads a request with
+    no body and no disconnect (its first client going away does not end it for the others). Once the
+    response is known not to be for others (its headers say so, it is a stream, its body runs past
+    max_body, or it is not a plain start-and-body response), the call ends with PASS at once, so the
+    waiters need not wait for it, and the rest goes to this request's client as it comes, with the
+    client's own receive (a stream sees its client leave).
+    """
+
+    def __init__(self, app: App, scope: Scope, receive: Receive, send: Send, max_body: int) -> None:
         self.app = app
         self.scope = scope
+        self.client_receive = receive
         self.client_send = send
         self.max_body = max_body
         self.ran = False
         self.messages: list[Message] = []
         self.size = 0
         self.forwarding = False  # the response goes to this request's client as it comes
+        self.passed = asyncio.Event()  # set when forwarding starts
+        self.requested = False  # the app has read the (empty) request
+        self.client_read = False  # that request was taken from the client's own receive
+        self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> tuple[Any, ...]:
         self.ran = True
-        requested = False
-        never = asyncio.Event()
-
-        async def receive() -> Message:
-            nonlocal requested
-            if not requested:
-                requested = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await never.wait()  # the shared run does not end with its first client
-            raise AssertionError("unreachable")
-
-        await self.app(self.scope, receive, self.send)
+        task = self.task = asyncio.ensure_future(self.app(self.scope, self.receive, self.send))
+        passed = asyncio.ensure_future(self.passed.wait())
+        try:
+            await asyncio.wait([task, passed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            passed.cancel()
         if self.forwarding:
             return (PASS,)
+        task.result()  # the app's exception, for every caller
         start = next((m for m in self.messages if m["type"] == "http.response.start"), None)
-        if start is None or self.messages[-1].get("more_body", False):
+        if start is None or not self.messages or self.messages[-1].get("more_body", False):
             raise RuntimeError("the ASGI app returned without a complete response")
         headers = [
             (bytes(n).decode("latin-1"), bytes(v).decode("latin-1")) for n, v in start.get("headers", [])
         ]
-        if not_shared(headers) is not None:
+        if not_shared(headers, start["status"]) is not None:
             return (PASS,)
         vary = response_vary(headers)
         body = b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
-        raw = [(bytes(n), bytes(v)) for n, v in start.get("headers", [])]
-        return (SHARED, start["status"], raw, body, vary, vary_digest(vary, _headers(self.scope)))
+        raw = tuple((bytes(n), bytes(v)) for n, v in start.get("headers", []))
+        return (SHARED, int(start["status"]), raw, body, vary, vary_digest(vary, _headers(self.scope)))
+
+    async def receive(self) -> Message:
+        if self.forwarding:
+            return await self._client_receive()
+        if not self.requested:
+            self.requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if self.messages and not self.messages[-1].get("more_body", False):
+            return {"type": "http.disconnect"}  # the response is complete: nobody is left to listen
+        await self.passed.wait()  # the shared run does not end with its first client
+        return await self._client_receive()
+
+    async def _client_receive(self) -> Message:
+        """The client's own receive, past the request the app already read (an empty one)."""
+        message = await self.client_receive()
+        if self.requested and message["type"] == "http.request" and not self.client_read:
+            self.client_read = True
+            message = await self.client_receive()
+        return message
 
     async def send(self, message: Message) -> None:
         if self.forwarding:
             await self.client_send(message)
             return
         self.messages.append(message)
-        if message["type"] == "http.response.body":
+        kind = message["type"]
+        if kind == "http.response.body":
             self.size += len(message.get("body", b""))
-        elif message["type"] == "http.response.start":
+            if self.size > self.max_body:
+                await self._forward()
+        elif kind == "http.response.start":
             headers = [
                 (bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
                 for n, v in message.get("headers", [])
             ]
-            if not_shared(headers) == "a stream":
+            if message.get("trailers") or not_shared(headers, int(message.get("status", 200))) is not None:
                 await self._forward()
-                return
-        if self.size > self.max_body:
+        else:  # a file to send, trailers: not what a waiter can be handed
             await self._forward()
 
     async def _forward(self) -> None:
         """From now on the response goes straight to this request's client (and to nobody else)."""
         self.forwarding = True
+        self.passed.set()
         held, self.messages = self.messages, []
         for message in held:
             await self.client_send(message)
 
-    async def replay(self) -> None:
-        """Send this request's client the response the run collected (unless it went there already)."""
+    async def finish(self) -> None:
+        """This request's own response: what the run collected, or the rest of the forwarded one."""
         if self.forwarding:
+            if self.task is not None:
+                await self.task
             return
         for message in self.messages:
             await self.client_send(message)
@@ -173,6 +210,10 @@ class _Run:
 async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _text_headers(message: Message) -> list[tuple[str, str]]:
+    return [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1")) for n, v in message.get("headers", [])]
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -184,9 +225,8 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-def _target(scope: Scope, headers: dict[str, str]) -> str:
+def _url(scope: Scope, headers: dict[str, str]) -> tuple[str, str, str, str]:
     server = scope.get("server") or ("", "")
     host = headers.get("host") or f"{server[0]}:{server[1]}"
     path = scope.get("root_path", "") + scope.get("path", "/")
-    query = bytes(scope.get("query_string", b"")).decode("latin-1")
-    return f"{scope.get('scheme', 'http')}://{host}{path}" + (f"?{query}" if query else "")
+    return scope.get("scheme", "http"), host, path, bytes(scope.get("query_string", b"")).decode("latin-1")

@@ -28,6 +28,7 @@ from ._collapse import (
     unavailable,
     vary_digest,
 )
+from ._errors import SerializationError
 
 __all__ = ["collapse"]
 
@@ -67,10 +68,14 @@ class _Collapsed:
         if not collapsible(method, headers, self.policy):
             return self.app(environ, start_response)
         run = _Run(self.app, environ, self.policy.max_body)
-        key = self.policy.key(method, _target(environ), headers)
+        key = self.policy.key(method, _url(environ), headers)
         try:
             outcome = self.policy.group.do(key, run)
         except Exception as e:
+            if run.ran:  # the app's own exception (mpflight's too, if the app uses it)
+                raise
+            if isinstance(e, SerializationError):  # the owner's response could not travel here
+                return self.app(environ, start_response)
             answer = unavailable(e)
             if answer is None:
                 raise
@@ -85,7 +90,7 @@ class _Collapsed:
         if outcome[0] == SHARED:
             _, status, response_headers, body, vary, seen = outcome
             if vary_digest(vary, headers) == seen:
-                start_response(status, [tuple(h) for h in response_headers])
+                start_response(status, [(n, v) for n, v in response_headers])
                 return [body]
         return self.app(environ, start_response)  # not for others, or it varies on what differs here
 
@@ -101,6 +106,7 @@ class _Run:
         self.status = ""
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
+        self.size = 0
         self.rest: Iterator[bytes] | None = None  # what was not read (a stream, or past max_body)
         self.iterable: Iterable[bytes] | None = None
 
@@ -109,18 +115,29 @@ class _Run:
     ) -> Callable[[bytes], object]:
         if exc_info is not None and self.rest is not None:
             raise exc_info[1].with_traceback(exc_info[2])  # the response is already on its way
-        self.status, self.headers = status, list(headers)
-        return self.chunks.append  # the legacy write(): its bytes come before the iterable's
+        self.status, self.headers = str(status), [(str(n), str(v)) for n, v in headers]
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy write(): its bytes come before the iterable's."""
+        if self.rest is not None:
+            raise RuntimeError("write() after the response was handed to its own client")
+        self.chunks.append(data)
+        self.size += len(data)
 
     def __call__(self) -> tuple[Any, ...]:
         self.ran = True
         iterable = self.iterable = self.app(self.environ, self.start_response)
-        size, it = 0, iter(iterable)
+        it = iter(iterable)
         try:
             for chunk in it:
                 self.chunks.append(chunk)
-                size += len(chunk)
-                if size > self.max_body or (self.status and not_shared(self.headers) == "a stream"):
+                self.size += len(chunk)
+                # Not for others (the headers say so, or the body runs past the limit): the waiters
+                # need not wait for the rest, which goes to this request's client as it comes.
+                if self.size > self.max_body or (
+                    self.status and not_shared(self.headers, _code(self.status))
+                ):
                     self.rest = it
                     return (PASS,)
         except BaseException:
@@ -129,16 +146,17 @@ class _Run:
         if not self.status:
             self.close()
             raise RuntimeError("the WSGI app returned without calling start_response")
-        if not_shared(self.headers) is not None or sum(map(len, self.chunks)) > self.max_body:
+        if not_shared(self.headers, _code(self.status)) is not None or self.size > self.max_body:
             return (PASS,)
         vary = response_vary(self.headers)
         body = b"".join(self.chunks)
         self.chunks = [body]
-        return (SHARED, self.status, self.headers, body, vary, vary_digest(vary, _headers(self.environ)))
+        headers = tuple(self.headers)  # the outcome's own: threads of this process get this very object
+        return (SHARED, self.status, headers, body, vary, vary_digest(vary, _headers(self.environ)))
 
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
         """The owner's own response: what was read, then what was not, closing the app's iterable."""
-        start_response(self.status, self.headers)
+        start_response(self.status, list(self.headers))
         if self.rest is None:
             self.close()
             return self.chunks
@@ -174,9 +192,15 @@ def _headers(environ: Environ) -> dict[str, str]:
     return out
 
 
-def _target(environ: Environ) -> str:
+def _url(environ: Environ) -> tuple[str, str, str, str]:
     scheme = environ.get("wsgi.url_scheme", "http")
     host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
-    query = environ.get("QUERY_STRING", "")
     path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-    return f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+    return scheme, host, path, environ.get("QUERY_STRING", "")
+
+
+def _code(status: str) -> int:
+    try:
+        return int(status.split(None, 1)[0])
+    except (ValueError, IndexError):
+        return 0

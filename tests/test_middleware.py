@@ -312,14 +312,16 @@ class App:
 
 def _call(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> tuple[str, list[Any], bytes]:
     got: dict[str, Any] = {}
+    written: list[bytes] = []
 
     def start_response(status: str, headers: list[Any], exc_info: Any = None) -> Callable[[bytes], None]:
         got["status"], got["headers"] = status, headers
-        return lambda _: None
+        return written.append
 
     iterable = app(environ, start_response)
     try:
         body = b"".join(iterable)
+        body = b"".join(written) + body
     finally:
         close = getattr(iterable, "close", None)
         if close is not None:
@@ -407,7 +409,8 @@ def test_responses_for_one_client_are_not_shared(name: str, headers: list[tuple[
 @pytest.mark.parametrize(
     "environ",
     [_environ("POST"), _environ("GET", CONTENT_LENGTH="3"), _environ("GET", RANGE="bytes=0-1"),
-     _environ("GET", TRANSFER_ENCODING="chunked")],
+     _environ("GET", TRANSFER_ENCODING="chunked"), _environ("GET", IF_NONE_MATCH='"v1"'),
+     _environ("GET", IF_MODIFIED_SINCE="Wed, 02 Dec 2026 00:00:00 GMT")],
 )  # fmt: skip
 def test_requests_that_may_differ_do_not_collapse(name: str, environ: dict[str, Any]) -> None:
     """A POST, a GET with a body or a range: the app runs for each, and no call enters the table."""
@@ -459,7 +462,8 @@ def test_the_apps_own_exception_reaches_the_waiters(name: str) -> None:
 @pytest.mark.parametrize(
     ("options", "error"),
     [({"vary": "Cookie"}, TypeError), ({"vary": ["bad header"]}, ValueError), ({"max_body": -1}, ValueError),
-     ({"methods": ["POST"]}, ValueError), ({"linger": -1}, ValueError)],
+     ({"methods": ["POST"]}, ValueError), ({"linger": -1}, ValueError),
+     ({"max_body": 2048, "max_result_bytes": 1024}, ValueError)],
 )  # fmt: skip
 def test_bad_options_are_refused_when_the_app_is_wrapped(
     name: str, options: dict[str, Any], error: type[Exception]
@@ -586,3 +590,158 @@ def test_asgi_lifespan_and_other_methods_pass_through(name: str) -> None:
     assert asyncio.run(_asgi_call(app, _scope(method="POST")))[2] == b"x"
     with mpflight.Group(name) as group:
         assert group.stats()["calls"] == 0
+
+
+# -- what review found: streams release the waiters, keys are unambiguous, headers are the request's own ------
+
+
+def test_a_response_for_one_client_releases_the_waiters_before_its_body_ends(name: str) -> None:
+    """The owner's response sets a cookie and its body goes on until both waiters have run the app
+    themselves: they must not wait for it to end (they would wait forever)."""
+    runs: list[int] = []
+    done = threading.Event()
+
+    def inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        runs.append(1)
+        mine = len(runs)
+        if mine == 1:
+            with mpflight.Group(name) as group:
+                wait_until(lambda: any(c.waiters >= 2 for c in group.inflight()), "the waiters")
+        start_response("200 OK", [("Set-Cookie", f"n={mine}")])
+        yield b"first "
+        if mine == 1:
+            assert done.wait(DEADLINE), "the waiters waited for the owner's body to end"
+        elif len(runs) == 3:
+            done.set()
+        yield b"rest"
+
+    app = mpflight.wsgi.collapse(inner, name=name)
+    answers = _together(app, [_environ()] * 3)
+    assert [a[2] for a in answers] == [b"first rest"] * 3
+    assert sorted(dict(a[1])["Set-Cookie"] for a in answers) == ["n=1", "n=2", "n=3"]
+
+
+def test_asgi_a_stream_releases_the_waiters_and_hears_its_client_leave(name: str) -> None:
+    """An event stream: the waiters run the app themselves at once, while the owner's stream goes on
+    to its own client, which the stream hears leave (it reads the client's own receive)."""
+    runs: list[str] = []
+    both = asyncio.Event()
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        runs.append("run")
+        mine = runs.count("run")
+        if mine == 1:
+            with mpflight.Group(name) as group:
+                while not any(c.waiters >= 2 for c in group.inflight()):
+                    await asyncio.sleep(0.002)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        if mine == 3:
+            both.set()
+        if mine == 1:
+            await asyncio.wait_for(both.wait(), DEADLINE)
+            assert (await receive())["type"] == "http.request"  # its request, which it had not read
+            assert (await receive())["type"] == "http.disconnect"  # and its client, gone
+            runs.append("heard")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def main() -> list[Any]:
+        app = mpflight.asgi.collapse(inner, name=name)
+        gone = {"type": "http.disconnect"}
+        owner_sent: list[dict[str, Any]] = []
+        request = {"type": "http.request", "body": b"", "more_body": False}
+        replies = iter([request, gone])
+
+        async def owner_receive() -> dict[str, Any]:
+            return next(replies)
+
+        async def owner_send(message: dict[str, Any]) -> None:
+            owner_sent.append(message)
+
+        owner = asyncio.ensure_future(app(_scope(), owner_receive, owner_send))
+        with mpflight.Group(name) as group:
+            while not group.inflight():
+                await asyncio.sleep(0.002)
+        rest = await asyncio.wait_for(
+            asyncio.gather(*(_asgi_call(app, _scope()) for _ in range(2))), DEADLINE
+        )
+        await asyncio.wait_for(owner, DEADLINE)
+        return [owner_sent, *rest]
+
+    owner_sent, *rest = asyncio.run(main())
+    assert [a[2] for a in rest] == [b"data: 1\n\n"] * 2
+    assert (
+        b"".join(m.get("body", b"") for m in owner_sent if m["type"] == "http.response.body")
+        == b"data: 1\n\n"
+    )
+    assert runs.count("run") == 3 and "heard" in runs
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [((("http", "h", "/a?b=1", "")), ("http", "h", "/a", "b=1")),
+     (("http", "h/p", "/q", ""), ("http", "h", "/p/q", "")),
+     (("http", "h", "/a%3F", ""), ("http", "h", "/a?", "")),
+     (("http", "h", "/a b", ""), ("http", "h", "/a", "") )],
+)  # fmt: skip
+def test_two_different_requests_never_make_one_key(
+    name: str, a: tuple[str, str, str, str], b: tuple[str, str, str, str]
+) -> None:
+    policy = mpflight._collapse.Policy(name, (), 100, ("GET",), {})
+    assert policy.key("GET", a, {}) != policy.key("GET", b, {})
+
+
+def test_each_request_gets_headers_of_its_own(name: str) -> None:
+    """Waiters in the owner's process get its outcome's very object: an outer middleware that appends
+    to the header list of one response must not add to another's."""
+    inner = App(name, waiters=2)
+    collapsed = mpflight.wsgi.collapse(inner, name=name, vary=[])
+
+    def outer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def appending(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers.append(("X-User", environ["HTTP_X_USER"]))
+            return start_response(status, headers, exc_info)
+
+        return collapsed(environ, appending)
+
+    answers = _together(outer, [_environ(X_USER=user) for user in ("ann", "bob", "cy")])
+    assert inner.runs == 1
+    assert sorted([v for n, v in a[1] if n == "X-User"] for a in answers) == [["ann"], ["bob"], ["cy"]]
+
+
+def test_a_body_written_with_write_counts_toward_max_body(name: str) -> None:
+    runs: list[int] = []
+
+    def inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        runs.append(1)
+        if len(runs) == 1:
+            with mpflight.Group(name) as group:
+                wait_until(lambda: any(c.waiters >= 2 for c in group.inflight()), "the waiters")
+        start_response("200 OK", [])(b"w" * 100)
+        return []
+
+    answers = _together(mpflight.wsgi.collapse(inner, name=name, max_body=10), [_environ()] * 3)
+    assert [a[2] for a in answers] == [b"w" * 100] * 3
+    assert len(runs) == 3
+
+
+def test_the_apps_own_wait_timeout_is_not_turned_into_a_503(name: str) -> None:
+    def inner(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        raise mpflight.WaitTimeout("the app's own wait")
+
+    with pytest.raises(mpflight.WaitTimeout, match="the app's own wait"):
+        _call(mpflight.wsgi.collapse(inner, name=name), _environ())
+
+
+def test_conditional_answers_are_never_handed_on() -> None:
+    assert mpflight._collapse.not_shared([], 304) is not None
+    assert mpflight._collapse.not_shared([], 412) is not None
+    assert mpflight._collapse.not_shared(
+        [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store")]
+    ) == ("a stream")
