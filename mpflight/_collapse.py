@@ -81,11 +81,6 @@ class Policy:
                     group = self._group = Group(self.name, **self.options)
         return group
 
-    def close(self) -> None:
-        group, self._group = self._group, None
-        if group is not None:
-            group.close()
-
     def key(self, method: str, url: tuple[str, str, str, str], headers: Mapping[str, str]) -> str:
         """The call's key: the request line, and a digest of the vary headers' values when any is sent.
 

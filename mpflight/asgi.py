@@ -122,6 +122,7 @@ class _Run:
         self.size = 0
         self.forwarding = False  # the response goes to this request's client as it comes
         self.passed = asyncio.Event()  # set when forwarding starts
+        self.settled = asyncio.Event()  # set when forwarding starts or the response is complete
         self.requested = False  # the app has read the (empty) request
         self.client_read = False  # that request was taken from the client's own receive
         self.task: asyncio.Task[None] | None = None
@@ -138,7 +139,8 @@ class _Run:
             return (PASS,)
         task.result()  # the app's exception, for every caller
         start = next((m for m in self.messages if m["type"] == "http.response.start"), None)
-        if start is None or not self.messages or self.messages[-1].get("more_body", False):
+        last = self.messages[-1] if self.messages else {}
+        if start is None or last.get("type") != "http.response.body" or last.get("more_body", False):
             raise RuntimeError("the ASGI app returned without a complete response")
         headers = [
             (bytes(n).decode("latin-1"), bytes(v).decode("latin-1")) for n, v in start.get("headers", [])
@@ -156,10 +158,12 @@ class _Run:
         if not self.requested:
             self.requested = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        if self.messages and not self.messages[-1].get("more_body", False):
-            return {"type": "http.disconnect"}  # the response is complete: nobody is left to listen
-        await self.passed.wait()  # the shared run does not end with its first client
-        return await self._client_receive()
+        # The shared run does not end with its first client: until its response is complete (then
+        # nobody is left to listen) or goes to that client alone, there is nothing to hear.
+        await self.settled.wait()
+        if self.forwarding:
+            return await self._client_receive()
+        return {"type": "http.disconnect"}
 
     async def _client_receive(self) -> Message:
         """The client's own receive, past the request the app already read (an empty one)."""
@@ -179,6 +183,8 @@ class _Run:
             self.size += len(message.get("body", b""))
             if self.size > self.max_body:
                 await self._forward()
+            elif not message.get("more_body", False):
+                self.settled.set()
         elif kind == "http.response.start":
             headers = [
                 (bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
@@ -193,6 +199,7 @@ class _Run:
         """From now on the response goes straight to this request's client (and to nobody else)."""
         self.forwarding = True
         self.passed.set()
+        self.settled.set()
         held, self.messages = self.messages, []
         for message in held:
             await self.client_send(message)

@@ -745,3 +745,40 @@ def test_conditional_answers_are_never_handed_on() -> None:
     assert mpflight._collapse.not_shared(
         [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store")]
     ) == ("a stream")
+
+
+def test_asgi_an_app_that_listens_for_a_disconnect_while_it_sends_is_not_cut_short(name: str) -> None:
+    """As Starlette's streaming responses do, the app listens for its client leaving while it sends:
+    the shared run hears nothing until its response is complete, then that nobody is left."""
+    heard: list[str] = []
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def listen() -> None:
+            while (message := await receive())["type"] != "http.disconnect":
+                heard.append(message["type"])
+            heard.append("http.disconnect")
+
+        listener = asyncio.ensure_future(listen())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"a", b"b", b"c"):
+            await asyncio.sleep(0)  # the listener runs between the parts
+            if listener.done():
+                return  # cut short: its client is gone
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await asyncio.wait_for(listener, DEADLINE)
+
+    answers = _asgi_together(mpflight.asgi.collapse(inner, name=name), [_scope()])
+    assert [(a[0], a[2]) for a in answers] == [(200, b"abc")]
+    assert heard == ["http.request", "http.disconnect"]
+
+
+def test_asgi_a_response_without_its_last_body_message_is_not_shared(name: str) -> None:
+    """An app that returns after the start of its response (no body message) is broken: every caller
+    gets that error, and nobody an empty body."""
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    with pytest.raises(RuntimeError, match="without a complete response"):
+        asyncio.run(_asgi_call(mpflight.asgi.collapse(inner, name=name), _scope()))
