@@ -969,18 +969,21 @@ def _entering(
                 t.bump(C_FALLBACKS)
                 return "waiter records"
             # _OWNER_GONE: its call is aborted; start a new one
-    state_map = t.geo.state_map  # nobody runs this key: claim the first free slot from its home on
-    index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
-    if index < 0:
-        index = t.mm.find(b"\0", state_map, state_map + home)
-        if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
-            index = t.mm.find(b"\0", state_map, state_map + t.slots)
+    # Nobody runs this key: claim the first free slot from its home on (usually the home itself).
+    index = home
+    if t.states[home]:
+        state_map = t.geo.state_map
+        index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
         if index < 0:
-            t.bump(C_FALLBACKS)
-            return "slots"
+            index = t.mm.find(b"\0", state_map, state_map + home)
+            if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
+                index = t.mm.find(b"\0", state_map, state_map + t.slots)
+            if index < 0:
+                t.bump(C_FALLBACKS)
+                return "slots"
+        index -= state_map
     # Claim it: registered under the Call before the state byte makes it a call, and counted as a run
     # (every call is counted once, as a run, a join or a fallback, whatever happens next).
-    index -= state_map
     off = t.geo.slot_base + index * SLOT_SIZE
     gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
     call.index, call.gen, call.record = index, gen, -1

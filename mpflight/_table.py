@@ -103,6 +103,7 @@ MAX_KEY_BYTES: Final = 64 * 1024
 # Whether the next holder of the lock repairs what a dead holder left (a test switch turns it off).
 _REPAIR: Final = "repair" not in _faults.DISABLED
 _FAULT: Final = _faults.FAULT  # read once, as _faults reads it
+_TRY_LOCK: Final = LOCK_EX | LOCK_NB
 # The mode of a table made without mode=: only its user gets in.
 DEFAULT_MODE: Final = 0o600
 
@@ -161,6 +162,7 @@ class Table:
         self.u32s = self.view[g.slot_base : g.record_base].cast("I")
         self.u64s = self.view[g.slot_base : g.record_base].cast("Q")
         self.lock = self.file.lock
+        self.holds = self.lock.local  # .hold: this thread's Hold, once it has one
         self.sems = Semaphores(group, self.sem_token, self.set_sem_token, self.mode, self.gid)
         self.local: dict[tuple[int, int], LocalCall] = {}
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
@@ -280,20 +282,19 @@ class Table:
         exception was raised inside it, leaves it set, and the next holder repairs.
         Raises LockTimeout when ``deadline`` (monotonic) passes before the lock is free.
         """
-        lock = self.lock
         try:
-            hold = lock.local.hold
+            hold = self.holds.hold
         except AttributeError:
-            hold = lock.hold()
+            hold = self.lock.hold()
         events = None
         try:
             if hold.fd == hold.own:
                 try:  # acquire's first step, taken here because it is what nearly every hold needs
-                    flock(hold.fd, LOCK_EX | LOCK_NB)  # contended when it raises
+                    flock(hold.fd, _TRY_LOCK)  # contended when it raises
                 except BlockingIOError:
-                    lock.acquire(hold, deadline)  # contended
+                    self.lock.acquire(hold, deadline)  # contended
             else:
-                lock.acquire(hold, deadline)
+                self.lock.acquire(hold, deadline)
             if _FAULT:
                 _faults.reached("locked")
             mm = self.mm
@@ -303,17 +304,26 @@ class Table:
                 self.repair()
             mm[H_DIRTY] = 1
             result = body(*args)
-            if self.damaged:
-                self.damaged = False  # the byte stays set: the next holder repairs what we found
+            if self.damaged or self.events:
+                events = self._noted()
             elif _REPAIR:
                 mm[H_DIRTY] = 0
-            if self.events:  # taken while the lock is held, as they were noted: no other hold's are lost
-                events, self.events = self.events, []
             return result
         finally:
             flock(hold.fd, LOCK_UN)
             if events:
                 self._tell_tiers(events)
+
+    def _noted(self) -> list[tuple[str, str | bytes, bytes, str]]:
+        """At the end of a body that found damage or noted events: the dirty byte stays set for the
+        next holder to repair what was found; the events are taken while the lock is held, as they
+        were noted (no other hold's are lost), to be told once it is released."""
+        if self.damaged:
+            self.damaged = False
+        elif _REPAIR:
+            self.mm[H_DIRTY] = 0
+        events, self.events = self.events, []
+        return events
 
     def _tell_tiers(self, events: list[tuple[str, str | bytes, bytes, str]]) -> None:
         """Outside the lock: hand the events a body noted to the hooks of the tiers behind the table."""
