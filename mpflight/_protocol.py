@@ -216,6 +216,25 @@ def _held(ref: weakref.ref[Call] | None) -> bool:
     return ref is not None and ref() is not None
 
 
+# A claim made by ``enter`` is registered under its Call itself, not a weak reference to it: nearly
+# every claim is freed a few microseconds later, and a weak reference would cost it a few percent of
+# its time. Whoever needs to know whether somebody still holds a claim asks ``_held_claim``, which
+# weakens its entry first; the reaper asks of every claim of this process that stays in the table.
+
+
+def registered(entry: Call | weakref.ref[Call] | None) -> Call | None:
+    """The Call a registration names, if it still exists."""
+    return entry if entry is None or isinstance(entry, Call) else entry()
+
+
+def _held_claim(t: Table, index: int, gen: int) -> bool:
+    """Whether somebody in this process is still responsible for its claim (index, gen)."""
+    entry = t.owners.get((index, gen))
+    if isinstance(entry, Call):
+        entry = t.owners[index, gen] = weakref.ref(entry)  # this name no longer holds the Call
+    return _held(entry)
+
+
 def _table_lock_timeout(opts: Options) -> WaitTimeout:
     return WaitTimeout(
         f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}", None, opts.timeout
@@ -987,7 +1006,7 @@ def _entering(
     off = t.geo.slot_base + index * SLOT_SIZE
     gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
     call.index, call.gen, call.record = index, gen, -1
-    t.owners[index, gen] = weakref.ref(call)
+    t.owners[index, gen] = call  # weakened when somebody asks (_held_claim)
     counters = t.counters
     counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
     mm = t.mm
@@ -1058,7 +1077,7 @@ def _try_join(
         mine = t.u64s[index * U64S + Q_OWNER_START] == start
         if "own-identity" in _faults.DISABLED:
             pass  # a bare pid: ours, and so a DeadlockError below
-        elif not mine or not _held(t.owners.get((index, gen))):
+        elif not mine or not _held_claim(t, index, gen):
             found._aborting("owner died" if not mine else "the owner left do() early")
             return _OWNER_GONE
     else:
@@ -1221,7 +1240,7 @@ def recover(call: Call, deadline: float | None = None) -> None:
     if (
         t.closed
         or call.pending
-        or not any(ref() is call for ref in (*t.owners.values(), *t.readers.values()))
+        or not any(registered(entry) is call for entry in (*t.owners.values(), *t.readers.values()))
         or "recover" in _faults.DISABLED
     ):
         return
@@ -1233,10 +1252,11 @@ def recover(call: Call, deadline: float | None = None) -> None:
 
 def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:
     """Under the lock: end the claims and records registered under ``token``, or (None) under a Call
-    that no longer exists. Returns how many calls and records."""
+    that no longer exists (a claim still registered under its Call itself is end_unregistered's).
+    Returns how many calls and records."""
     calls = records = 0
-    for (index, gen), ref in list(t.owners.items()):
-        held = ref()
+    for (index, gen), entry in list(t.owners.items()):
+        held = registered(entry)
         if held is not token if token is not None else held is not None:
             continue
         calls += 1
@@ -1275,7 +1295,7 @@ def end_unregistered(t: Table) -> tuple[int, int]:
             continue
         gen = t.gen(index)
         owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
-        if owner == me and not _held(t.owners.get((index, gen))):
+        if owner == me and not _held_claim(t, index, gen):
             Call.of(t, index, gen)._aborting("the owner left do() early (an exception interrupted it)")
             calls += 1
     base, end = t.geo.record_map, t.geo.record_map + t.records
