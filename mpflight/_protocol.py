@@ -235,6 +235,12 @@ def _held_claim(t: Table, index: int, gen: int) -> bool:
     return _held(entry)
 
 
+def _locked_later(t: Table, body: Callable[..., object], *args: object) -> Callable[[float | None], object]:
+    """Work for the reaper (``Table.defer``): ``body(*args)`` under the lock, by the deadline the reaper
+    gives (LockTimeout: it tries again at its next round)."""
+    return lambda deadline: t.locked(body, *args, deadline=deadline)
+
+
 def _table_lock_timeout(opts: Options) -> WaitTimeout:
     return WaitTimeout(
         f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}", None, opts.timeout
@@ -378,21 +384,21 @@ class Call:
 
     own = own  # the one owner runner, defined above: fn here, then finish
 
-    def finish(self, value: object, error: BaseException | None, wait: bool = True) -> bool:
+    def finish(self, value: object, error: BaseException | None, later: float | None = None) -> bool:
         """fn returned ``value`` or raised ``error``: end the call. Returns ``shared``.
 
         Nobody joined: the slot is FREE again, in this one hold of the lock. Somebody did: the outcome
         is written and published, and the waiters are woken. fn's caller has its outcome whatever
         happens here; when the lock is not free by the deadline, the rest runs in the reaper (which
-        keeps this Call, and so the claim, alive). ``wait`` False: the reaper's run, which may wait.
+        keeps this Call, and so the claim, alive). ``later``: the reaper's run, by that deadline.
         """
         t = self.t
-        deadline = self.deadline if wait else None
+        deadline = self.deadline if later is None else later
         try:
             remote = t.locked(self._finishing, value, error, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(Call.finish, self, value, error, False))
+            t.defer(functools.partial(Call.finish, self, value, error))
             return bool(t.u32s[self.index * U32S + I_JOINS])
         if remote is None:
             return False
@@ -507,7 +513,7 @@ class Call:
             waiters = t.locked(self._publishing, where, length, outcome, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(self.publish, where, length, None, outcome))
+            t.defer(functools.partial(self.publish, where, length, outcome=outcome))
             return
         if waiters:
             self._post(waiters)
@@ -564,7 +570,7 @@ class Call:
         try:
             self.t.locked(body, *args, deadline=self.deadline)
         except LockTimeout:
-            self.t.defer(functools.partial(self.t.locked, body, *args))
+            self.t.defer(_locked_later(self.t, body, *args))
 
     def _renaming(self, tid: int) -> None:
         if self.t.gen(self.index) == self.gen and self.t.states[self.index] == RUNNING:
@@ -639,7 +645,7 @@ class Call:
                 try:
                     done = t.locked(self._giving_up, began, deadline=now)
                 except LockTimeout:  # the reaper leaves for us: never wait past the deadline
-                    t.defer(functools.partial(t.locked, self._giving_up, began))
+                    t.defer(_locked_later(t, self._giving_up, began))
                     done = False
                 if done:
                     break
@@ -766,7 +772,7 @@ class Call:
             try:
                 t.locked(self._leaving, began, served, deadline=deadline)
             except LockTimeout:  # the outcome is ours already: leave in the background
-                t.defer(functools.partial(t.locked, self._leaving, began, served))
+                t.defer(_locked_later(t, self._leaving, began, served))
 
     def _leaving(self, began: float | None, served: bool = False) -> None:
         """Under the lock: drop the waiter's record; the last reader of a DONE call frees its slot.
@@ -1247,7 +1253,7 @@ def recover(call: Call, deadline: float | None = None) -> None:
     try:
         t.locked(end_orphans, t, call, deadline=deadline)
     except LockTimeout:
-        t.defer(functools.partial(t.locked, end_orphans, t, call))
+        t.defer(_locked_later(t, end_orphans, t, call))
 
 
 def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:

@@ -77,9 +77,9 @@ log = logging.getLogger("mpflight")
 R = TypeVar("R")
 
 
-def _no_deferral(job: Callable[[], object]) -> None:
+def _no_deferral(job: Callable[[float | None], object]) -> None:
     """A table not attached through the registry (a tool's) runs deferred work at once."""
-    job()
+    job(None)
 
 
 def _held_by(fd: int) -> bool:
@@ -173,7 +173,7 @@ class Table:
         self.readers: dict[int, weakref.ref[Any]] = {}
         # Runs a transition's rest in the background when the lock was not free by a caller's deadline
         # (set by mpflight._registry, which keeps the table mapped until it has run).
-        self.defer: Callable[[Callable[[], object]], None] = _no_deferral
+        self.defer: Callable[[Callable[[float | None], object]], None] = _no_deferral
         # The hooks of the tiers stacked behind the table in this process (mpflight._tier), called after
         # the lock is released with each call that carried tier bytes and was aborted or freed meanwhile:
         # (event, key, bytes, reason). Noted under the lock in ``events``.
