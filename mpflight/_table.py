@@ -59,6 +59,7 @@ from ._layout import (
     U64S,
     Geometry,
     SlotState,
+    header_geometry,
 )
 from ._locks import (
     NAME_TRIES,
@@ -233,37 +234,29 @@ class Table:
         return g
 
     def _check(self, fields: tuple[object, ...], size: int, slots: int | None) -> Geometry:
-        magic, version, _, t_slots, slot_size, key_cap, result_cap, records, record_size, name_len = fields[
-            :10
-        ]
-        pidns, name = fields[10], fields[12]
+        version, name_len, pidns, name = fields[1], fields[9], fields[10], fields[12]
         what = f"mpflight table {self.group!r} ({self.file.os_name})"
-        if magic != MAGIC or version != LAYOUT_VERSION:
+        g = header_geometry(fields, size)
+        if g == "version":
             raise IncompatibleTable(
                 self.group, f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})"
             )
-        assert isinstance(t_slots, int) and isinstance(name, bytes) and isinstance(name_len, int)
-        if (slot_size, key_cap, result_cap, record_size) != (
-            SLOT_SIZE,
-            KEY_CAP,
-            PAYLOAD_CAP,
-            RECORD_SIZE,
-        ) or not (1 <= t_slots <= MAX_SLOTS):
+        if g in ("geometry", "slots"):
             raise IncompatibleTable(
                 self.group, f"{what} has another geometry than this version of mpflight writes"
             )
-        g = Geometry.for_slots(t_slots)
-        if records != g.records or size < g.size:
+        if not isinstance(g, Geometry):
             raise DamagedTable(
                 self.group, f"{what} is damaged: its size or record count does not match its header"
             )
+        assert isinstance(name, bytes) and isinstance(name_len, int)
         if name[:name_len] != self.group.encode():
             raise IncompatibleTable(
                 self.group, f"{what} belongs to group {name[:name_len]!r}: two names share one digest"
             )
-        if slots is not None and slots != t_slots:
+        if slots is not None and slots != g.slots:
             raise IncompatibleTable(
-                self.group, f"{what} exists with {t_slots} slots, not {slots}: unlink it to resize"
+                self.group, f"{what} exists with {g.slots} slots, not {slots}: unlink it to resize"
             )
         if pidns not in (0, _owner.pid_namespace()) and "pidns-check" not in _faults.DISABLED:
             raise IncompatibleTable(
