@@ -163,7 +163,6 @@ class Table:
         self.u32s = self.view[g.slot_base : g.record_base].cast("I")
         self.u64s = self.view[g.slot_base : g.record_base].cast("Q")
         self.lock = self.file.lock
-        self.holds = self.lock.local  # .hold: this thread's Hold, once it has one
         self.sems = Semaphores(group, self.sem_token, self.set_sem_token, self.mode, self.gid)
         self.local: dict[tuple[int, int], LocalCall] = {}
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
@@ -277,7 +276,7 @@ class Table:
         Raises LockTimeout when ``deadline`` (monotonic) passes before the lock is free.
         """
         try:
-            hold = self.holds.hold
+            hold = self.lock.local.hold
         except AttributeError:
             hold = self.lock.hold()
         events = None
