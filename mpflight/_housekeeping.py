@@ -35,16 +35,7 @@ from ._layout import (
     U64S,
 )
 from ._locks import SEP, LockTimeout, lock_holder, shm_entries, table_headers, unlink_all, unlink_segment
-from ._protocol import (
-    Call,
-    abort_dead,
-    drop_dead_record,
-    end_orphans,
-    end_unregistered,
-    registered,
-    slot_key,
-    tier_bytes,
-)
+from ._protocol import Call, abort_dead, drop_dead_record, end_orphans, end_unregistered, slot_key, tier_bytes
 from ._registry import Attachment, Inside, registry, validate_table_name
 from ._table import COMPLETING, DONE, RUNNING, Table
 
@@ -337,7 +328,7 @@ class Reaper:
                     "mpflight table %r: a thread has waited %.0f s for the table lock, held by %s", t.group,
                     now - since, f"pid {holder}" if holder else "a process that cannot be named",
                 )  # fmt: skip
-        orphans = any(registered(entry) is None for entry in (*t.owners.values(), *t.readers.values()))
+        orphans = any(ref() is None for ref in (*t.owners.values(), *t.readers.values()))
         states, records = bytes(t.states), bytes(t.rmap)
         busy = {(i, t.gen(i), state) for i, state in enumerate(states) if state}
         busy.update((-1 - r, 0, 0) for r, used in enumerate(records) if used)

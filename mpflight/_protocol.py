@@ -216,25 +216,6 @@ def _held(ref: weakref.ref[Call] | None) -> bool:
     return ref is not None and ref() is not None
 
 
-# A claim made by ``enter`` is registered under its Call itself, not a weak reference to it: nearly
-# every claim is freed a few microseconds later, and a weak reference would cost it a few percent of
-# its time. Whoever needs to know whether somebody still holds a claim asks ``_held_claim``, which
-# weakens its entry first; the reaper asks of every claim of this process that stays in the table.
-
-
-def registered(entry: Call | weakref.ref[Call] | None) -> Call | None:
-    """The Call a registration names, if it still exists."""
-    return entry if entry is None or isinstance(entry, Call) else entry()
-
-
-def _held_claim(t: Table, index: int, gen: int) -> bool:
-    """Whether somebody in this process is still responsible for its claim (index, gen)."""
-    entry = t.owners.get((index, gen))
-    if isinstance(entry, Call):
-        entry = t.owners[index, gen] = weakref.ref(entry)  # this name no longer holds the Call
-    return _held(entry)
-
-
 def _locked_later(t: Table, body: Callable[..., object], *args: object) -> Callable[[float | None], object]:
     """Work for the reaper (``Table.defer``): ``body(*args)`` under the lock, by the deadline the reaper
     gives (LockTimeout: it tries again at its next round)."""
@@ -1012,7 +993,7 @@ def _entering(
     off = t.geo.slot_base + index * SLOT_SIZE
     gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
     call.index, call.gen, call.record = index, gen, -1
-    t.owners[index, gen] = call  # weakened when somebody asks (_held_claim)
+    t.owners[index, gen] = weakref.ref(call)
     counters = t.counters
     counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
     mm = t.mm
@@ -1083,7 +1064,7 @@ def _try_join(
         mine = t.u64s[index * U64S + Q_OWNER_START] == start
         if "own-identity" in _faults.DISABLED:
             pass  # a bare pid: ours, and so a DeadlockError below
-        elif not mine or not _held_claim(t, index, gen):
+        elif not mine or not _held(t.owners.get((index, gen))):
             found._aborting("owner died" if not mine else "the owner left do() early")
             return _OWNER_GONE
     else:
@@ -1246,7 +1227,7 @@ def recover(call: Call, deadline: float | None = None) -> None:
     if (
         t.closed
         or call.pending
-        or not any(registered(entry) is call for entry in (*t.owners.values(), *t.readers.values()))
+        or not any(ref() is call for ref in (*t.owners.values(), *t.readers.values()))
         or "recover" in _faults.DISABLED
     ):
         return
@@ -1258,11 +1239,10 @@ def recover(call: Call, deadline: float | None = None) -> None:
 
 def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:
     """Under the lock: end the claims and records registered under ``token``, or (None) under a Call
-    that no longer exists (a claim still registered under its Call itself is end_unregistered's).
-    Returns how many calls and records."""
+    that no longer exists. Returns how many calls and records."""
     calls = records = 0
-    for (index, gen), entry in list(t.owners.items()):
-        held = registered(entry)
+    for (index, gen), ref in list(t.owners.items()):
+        held = ref()
         if held is not token if token is not None else held is not None:
             continue
         calls += 1
@@ -1301,7 +1281,7 @@ def end_unregistered(t: Table) -> tuple[int, int]:
             continue
         gen = t.gen(index)
         owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
-        if owner == me and not _held_claim(t, index, gen):
+        if owner == me and not _held(t.owners.get((index, gen))):
             Call.of(t, index, gen)._aborting("the owner left do() early (an exception interrupted it)")
             calls += 1
     base, end = t.geo.record_map, t.geo.record_map + t.records

@@ -168,8 +168,7 @@ class Table:
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
         # it made: weak references to the callers' Calls (mpflight._protocol), written under the lock
         # with the claim or record. One whose Call is gone was left by an exception; the reaper ends it.
-        # A claim is registered under its Call itself until somebody asks (_protocol._held_claim).
-        self.owners: dict[tuple[int, int], Any] = {}
+        self.owners: dict[tuple[int, int], weakref.ref[Any]] = {}
         self.readers: dict[int, weakref.ref[Any]] = {}
         # Runs a transition's rest in the background when the lock was not free by a caller's deadline
         # (set by mpflight._registry, which keeps the table mapped until it has run).

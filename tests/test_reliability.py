@@ -340,8 +340,7 @@ def test_a_claim_its_caller_left_behind_is_ended_by_its_processs_reaper(
     """A thread claims a call and leaves without ending it (what an exception inside the cleanup
     itself leaves) while a caller in another process waits for it: the process lives on, so only its
     own reaper can tell that nobody there holds the claim any more. It ends it, and the waiter gets
-    AbortError instead of waiting out its timeout. (A claim is registered under its Call itself,
-    which the reaper weakens when it asks: without that, the registration would hold the Call.)"""
+    AbortError instead of waiting out its timeout."""
     go, quit_ = tmp_path / "go", tmp_path / "quit"
     leaver = child(
         "import os, time, mpflight\n"
