@@ -216,12 +216,6 @@ def _held(ref: weakref.ref[Call] | None) -> bool:
     return ref is not None and ref() is not None
 
 
-def _locked_later(t: Table, body: Callable[..., object], *args: object) -> Callable[[float | None], object]:
-    """Work for the reaper (``Table.defer``): ``body(*args)`` under the lock, by the deadline the reaper
-    gives (LockTimeout: it tries again at its next round)."""
-    return lambda deadline: t.locked(body, *args, deadline=deadline)
-
-
 def _table_lock_timeout(opts: Options) -> WaitTimeout:
     return WaitTimeout(
         f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}", None, opts.timeout
@@ -365,21 +359,21 @@ class Call:
 
     own = own  # the one owner runner, defined above: fn here, then finish
 
-    def finish(self, value: object, error: BaseException | None, later: float | None = None) -> bool:
+    def finish(self, value: object, error: BaseException | None, wait: bool = True) -> bool:
         """fn returned ``value`` or raised ``error``: end the call. Returns ``shared``.
 
         Nobody joined: the slot is FREE again, in this one hold of the lock. Somebody did: the outcome
         is written and published, and the waiters are woken. fn's caller has its outcome whatever
         happens here; when the lock is not free by the deadline, the rest runs in the reaper (which
-        keeps this Call, and so the claim, alive). ``later``: the reaper's run, by that deadline.
+        keeps this Call, and so the claim, alive). ``wait`` False: the reaper's run, which may wait.
         """
         t = self.t
-        deadline = self.deadline if later is None else later
+        deadline = self.deadline if wait else None
         try:
             remote = t.locked(self._finishing, value, error, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(Call.finish, self, value, error))
+            t.defer(functools.partial(Call.finish, self, value, error, False))
             return bool(t.u32s[self.index * U32S + I_JOINS])
         if remote is None:
             return False
@@ -494,7 +488,7 @@ class Call:
             waiters = t.locked(self._publishing, where, length, outcome, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(self.publish, where, length, outcome=outcome))
+            t.defer(functools.partial(self.publish, where, length, None, outcome))
             return
         if waiters:
             self._post(waiters)
@@ -551,7 +545,7 @@ class Call:
         try:
             self.t.locked(body, *args, deadline=self.deadline)
         except LockTimeout:
-            self.t.defer(_locked_later(self.t, body, *args))
+            self.t.defer(functools.partial(self.t.locked, body, *args))
 
     def _renaming(self, tid: int) -> None:
         if self.t.gen(self.index) == self.gen and self.t.states[self.index] == RUNNING:
@@ -626,7 +620,7 @@ class Call:
                 try:
                     done = t.locked(self._giving_up, began, deadline=now)
                 except LockTimeout:  # the reaper leaves for us: never wait past the deadline
-                    t.defer(_locked_later(t, self._giving_up, began))
+                    t.defer(functools.partial(t.locked, self._giving_up, began))
                     done = False
                 if done:
                     break
@@ -753,7 +747,7 @@ class Call:
             try:
                 t.locked(self._leaving, began, served, deadline=deadline)
             except LockTimeout:  # the outcome is ours already: leave in the background
-                t.defer(_locked_later(t, self._leaving, began, served))
+                t.defer(functools.partial(t.locked, self._leaving, began, served))
 
     def _leaving(self, began: float | None, served: bool = False) -> None:
         """Under the lock: drop the waiter's record; the last reader of a DONE call frees its slot.
@@ -975,21 +969,18 @@ def _entering(
                 t.bump(C_FALLBACKS)
                 return "waiter records"
             # _OWNER_GONE: its call is aborted; start a new one
-    # Nobody runs this key: claim the first free slot from its home on (usually the home itself).
-    index = home
-    if t.states[home]:
-        state_map = t.geo.state_map
-        index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
+    state_map = t.geo.state_map  # nobody runs this key: claim the first free slot from its home on
+    index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
+    if index < 0:
+        index = t.mm.find(b"\0", state_map, state_map + home)
+        if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
+            index = t.mm.find(b"\0", state_map, state_map + t.slots)
         if index < 0:
-            index = t.mm.find(b"\0", state_map, state_map + home)
-            if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
-                index = t.mm.find(b"\0", state_map, state_map + t.slots)
-            if index < 0:
-                t.bump(C_FALLBACKS)
-                return "slots"
-        index -= state_map
+            t.bump(C_FALLBACKS)
+            return "slots"
     # Claim it: registered under the Call before the state byte makes it a call, and counted as a run
     # (every call is counted once, as a run, a join or a fallback, whatever happens next).
+    index -= state_map
     off = t.geo.slot_base + index * SLOT_SIZE
     gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
     call.index, call.gen, call.record = index, gen, -1
@@ -1234,7 +1225,7 @@ def recover(call: Call, deadline: float | None = None) -> None:
     try:
         t.locked(end_orphans, t, call, deadline=deadline)
     except LockTimeout:
-        t.defer(_locked_later(t, end_orphans, t, call))
+        t.defer(functools.partial(t.locked, end_orphans, t, call))
 
 
 def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:

@@ -84,10 +84,8 @@ class Attachment:
         if not active and not self.refs:
             registry.close_unused(self)
 
-    def defer(self, job: Callable[[float | None], object]) -> None:
-        """Run ``job`` in the reaper thread, soon; the table stays mapped until then. It is called with
-        a deadline for the table lock, and raises LockTimeout if the lock is not free by then (a stopped
-        holder): the reaper tries again at its next round and meanwhile sweeps the other tables."""
+    def defer(self, job: Callable[[], object]) -> None:
+        """Run ``job`` in the reaper thread, soon; the table stays mapped until then."""
         marker = object()
         self.active.add(marker)
         registry.work.put((self, marker, job))
@@ -127,9 +125,7 @@ class Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.tables: dict[str, Attachment] = {}
-        self.work: queue.SimpleQueue[tuple[Attachment, object, Callable[[float | None], object]]] = (
-            queue.SimpleQueue()
-        )
+        self.work: queue.SimpleQueue[tuple[Attachment, object, Callable[[], object]]] = queue.SimpleQueue()
         self.wake = threading.Event()
         # Starts this process's reaper if it does not run (set by mpflight._housekeeping).
         self.start_reaper: Callable[[], None] = lambda: None
