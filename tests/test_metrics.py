@@ -490,15 +490,14 @@ def test_gunicorn_with_recycled_workers_scraped_through_prometheus_client(
     ("offset", "value", "message"),
     [
         (_layout.H_MAGIC, int.from_bytes(b"NOTMPFLI", "little"), "damaged header (magic or version)"),
-        (20, 1, "another geometry"),  # the slot size
-        (16, 0, "damaged header (its slot count)"),
-        (32, 7, "size or record count does not match"),  # the record count
+        (_layout.H_SLOT_SIZE, 1, "another geometry"),
+        (_layout.H_SLOTS, 0, "damaged header (its slot count)"),
+        (_layout.H_RECORDS, 7, "size or record count does not match"),
     ],
 )
 def test_a_damaged_header_is_reported_not_read(name: str, offset: int, value: int, message: str) -> None:
-    """A scrape reads only what the header describes as this version's layout (the same checks as an
-    attach's, in mpflight._layout): each damaged field is a DamagedTable that says which, and a scrape
-    of every table counts the table as unreadable rather than failing."""
+    """A scrape reads only what the header describes as this version's layout: each damaged field is a
+    DamagedTable that says which, and a scrape counts the table as unreadable rather than failing."""
     with mpflight.Group(name) as group:
         group.do("k", int)
         os_name = group._table().file.os_name
