@@ -3,7 +3,8 @@
 One owner runner (the entry's ``own``) for every way of calling, one wait-thread starter
 (``start_wait``). A caller's part is an Entry used as a context manager; a block that hands it to
 another thread (a wait thread, an asyncio runner) leaves it open (``hand``), and that thread closes
-it. A call queued for the pool holds a ``keep`` of the tier until a pool thread enters it.
+it. A call queued for the pool holds a ``keep`` of the tier until a pool thread enters it; work handed
+to another thread holds one until it ends there (``_Handed``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from threading import get_ident
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ._protocol import ALONE, JOIN, OWN, Detached, Result, RunHere, key_identity
 from ._tier import Entry, Tier
@@ -26,6 +27,55 @@ T = TypeVar("T")
 
 # asyncio owners' runners, kept alive until they end (the loop keeps only weak references to tasks).
 _runners: set[asyncio.Task[Any]] = set()
+
+_HANDING, _TAKEN, _DROPPED = range(3)
+
+
+class _Handed:
+    """Work handed to another thread (a wait thread, an executor's) keeps the tier, the table's mapping,
+    for that thread: the keep is taken here, before the thread can run, and let go there when the work
+    ends. Whatever ends the handing block first (an exception right after the thread started, a
+    cancelled runner, a closed loop), the table is not unmapped under a thread that still uses it: its
+    semaphores closed under a wait would crash the process.
+
+    The hander ``drop``s it when handing failed or it stopped waiting for the work: a thread that has
+    not taken the work by then never runs it, and the keep goes at once.
+    """
+
+    __slots__ = ("keep", "lock", "state")
+
+    def __init__(self, tier: Tier) -> None:
+        self.keep = tier.keep()
+        self.keep.__enter__()
+        self.lock = threading.Lock()
+        self.state = _HANDING
+
+    def run(self, work: Callable[..., T], *args: Any) -> T | None:
+        """In the thread: ``work(*args)``, unless the hander dropped it first (None then)."""
+        with self.lock:
+            if self.state != _HANDING:
+                return None
+            self.state = _TAKEN
+        try:
+            return work(*args)
+        finally:
+            self.keep.__exit__(None, None, None)
+
+    def drop(self) -> None:
+        with self.lock:
+            if self.state != _HANDING:
+                return  # the thread has the work, and lets go of the keep when it ends
+            self.state = _DROPPED
+        self.keep.__exit__(None, None, None)
+
+    async def run_in_executor(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in the loop's default executor, awaited."""
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(None, self.run, work, *args)
+        except BaseException:
+            self.drop()  # the awaiting caller went (cancelled, its loop closed): unless it runs already
+            raise
+        return cast(T, done)  # not dropped: the work ran
 
 
 def call(
@@ -108,9 +158,15 @@ def start_wait(
     """Hand the entry to a thread of its own that waits for its call, resolves ``future`` and closes
     it; cancelling the future makes that thread leave the call. When the wait says the caller owns
     the call after all (RunHere), that thread runs fn as the owner (``run``)."""
-    threading.Thread(
-        target=_wait_into, args=(c, future, key, run), daemon=True, name=f"mpflight-wait-{tier.name}"
-    ).start()
+    handed = _Handed(tier)
+    try:
+        threading.Thread(
+            target=handed.run, args=(_wait_into, c, future, key, run), daemon=True,
+            name=f"mpflight-wait-{tier.name}",
+        ).start()  # fmt: skip
+    except BaseException:
+        handed.drop()  # not started, or not yet running: it never waits (the block ends the entry)
+        raise
     c.hand()  # the block that entered it ends without closing it: the wait thread does
 
 
@@ -153,7 +209,7 @@ async def call_async(
     handed = False  # to the runner or a wait thread, which closes it
     try:
         if tier.io:
-            role = await _entered(loop, c, key, tid)
+            role = await _entered(loop, tier, c, key, tid)
             if role < 0:  # cancelled while entering: the entering thread ends what it entered
                 handed = True
                 raise asyncio.CancelledError
@@ -164,7 +220,7 @@ async def call_async(
                 return await fn(*args, **kwargs)
             return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
         if role == OWN:
-            owning = _own_async(c, fn, args, kwargs, tier.io)
+            owning = _own_async(tier, c, fn, args, kwargs)
             runner = loop.create_task(owning)
             _runners.add(runner)
             runner.add_done_callback(_runners.discard)
@@ -204,17 +260,22 @@ async def call_async(
             c.close()
 
 
-async def _entered(loop: asyncio.AbstractEventLoop, c: Entry, key: str | bytes, tid: int) -> int:
+async def _entered(loop: asyncio.AbstractEventLoop, tier: Tier, c: Entry, key: str | bytes, tid: int) -> int:
     """Enter in a thread, off the loop (the tier does network I/O); -1 when cancelled meanwhile."""
-    entering = loop.run_in_executor(None, c.enter, key, tid, False)
+    handed = _Handed(tier)
     try:
-        return await asyncio.shield(entering)
+        entering = loop.run_in_executor(None, handed.run, c.enter, key, tid, False)
+    except BaseException:
+        handed.drop()
+        raise
+    try:
+        return cast(int, await asyncio.shield(entering))  # queued, it runs: only a hander drops it
     except asyncio.CancelledError:
         entering.add_done_callback(functools.partial(_leave_entered, c))
         return -1
 
 
-def _leave_entered(c: Entry, entering: asyncio.Future[int]) -> None:
+def _leave_entered(c: Entry, entering: asyncio.Future[int | None]) -> None:
     """A caller was cancelled while its entry entered: end what it entered, off the loop."""
 
     def leave() -> None:
@@ -226,15 +287,15 @@ def _leave_entered(c: Entry, entering: asyncio.Future[int]) -> None:
     threading.Thread(target=leave, daemon=True, name="mpflight-leave").start()
 
 
-async def _finish(c: Entry, value: object, error: BaseException | None, io: bool) -> bool:
+async def _finish(tier: Tier, c: Entry, value: object, error: BaseException | None) -> bool:
     """Finish an asyncio owner's call: on the loop, or off it when the tier does network I/O."""
-    if not io:
+    if not tier.io:
         return c.finish(value, error)
-    return await asyncio.get_running_loop().run_in_executor(None, c.finish, value, error)
+    return await _Handed(tier).run_in_executor(c.finish, value, error)
 
 
 async def _own_async(
-    c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object], io: bool = False
+    tier: Tier, c: Entry, fn: Callable[..., Any], args: tuple[object, ...], kwargs: dict[str, object]
 ) -> Result[Any]:
     """The owner's side of do_async, as a task of its own so that cancelling the caller spares it."""
     try:
@@ -242,13 +303,13 @@ async def _own_async(
             fn = c.wrap(fn)  # as the next tier wants it run (a plain fn is wrapped by own)
         if not inspect.iscoroutinefunction(fn):
             adopted = functools.partial(contextvars.copy_context().run, _adopted, c, fn, args, kwargs)
-            return Result(*await asyncio.get_running_loop().run_in_executor(None, adopted))
+            return Result(*await _Handed(tier).run_in_executor(adopted))
         try:
             value = await fn(*args, **kwargs)
         except BaseException as e:
-            await _finish(c, None, e, io)
+            await _finish(tier, c, None, e)
             raise
-        return Result(value, await _finish(c, value, None, io))
+        return Result(value, await _finish(tier, c, value, None))
     except BaseException:
         c.recover(wait=False)
         raise

@@ -12,6 +12,7 @@ import json
 import logging
 import mmap
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -27,7 +28,16 @@ from mpflight import _layout
 from mpflight._locks import object_name
 from tests import workers
 from tests.conftest import shm_entries
-from tests.helpers import DEADLINE, ROOT, Gate, join_in_thread, remote_owner, wait_until, waiting
+from tests.helpers import (
+    DEADLINE,
+    ROOT,
+    Gate,
+    join_in_thread,
+    mp_context,
+    remote_owner,
+    wait_until,
+    waiting,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -497,3 +507,31 @@ def test_asyncio_owner_cancelled_by_loop_shutdown_aborts(name: str) -> None:
         asyncio.run(main(group))
         wait_until(lambda: group.inflight() == [], "the owner's call to end")
         assert group.stats()["aborts"] == 1
+
+
+@pytest.mark.parametrize("how", ["future", "async"])
+def test_an_interruption_right_after_a_wait_thread_starts_leaves_it_its_table(
+    name: str, tmp_path: Path, how: str
+) -> None:
+    """A KeyboardInterrupt that comes just after a waiter's wait thread has started (before the call
+    handed it the entry) ends the caller's block, and the app closes its handle: the thread still waits
+    in the table, so the table stays mapped until that thread is done, and then goes. Unmapped under it,
+    the semaphore it waits on is closed, and the process dies of SIGSEGV when the wait wakes."""
+    proc, gate, owned = remote_owner(name, "k", "value", tmp_path)
+    report = tmp_path / "report"
+    waiter = mp_context("spawn").Process(
+        target=workers.interrupted_wait_start, args=(name, "k", gate.gate, str(report), how)
+    )
+    waiter.start()
+    waiter.join(DEADLINE)
+    proc.join(DEADLINE)
+    assert waiter.exitcode == 0, f"the waiting process died with exit code {waiter.exitcode}"
+    assert json.loads(report.read_text()) == {
+        "raised": "KeyboardInterrupt",
+        "wait_threads": 1,
+        "mapped_after_close": True,
+        "waits_ended": True,
+        "unmapped_at_the_end": True,
+    }
+    assert proc.exitcode == 0
+    assert pickle.loads(owned.read_bytes())[:2] == ("value", "the value")

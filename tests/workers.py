@@ -498,3 +498,53 @@ def interrupt_peer(conn: object, timeout: float) -> None:
         thread = threading.Thread(target=target, args=msg[1:], daemon=True)
         running.append(thread)
         thread.start()
+
+
+def interrupted_wait_start(name: str, key: str, gate: str, out: str, how: str) -> None:
+    """Join the call for key (another process owns it, held by the gate) with ``how`` ("future" or
+    "async"), a KeyboardInterrupt arriving right after the wait thread started; close the handle while
+    that thread still waits, then open the gate. Writes what followed to out as JSON; a table unmapped
+    under the wait thread kills this process instead (SIGSEGV in its semaphore wait)."""
+    import asyncio
+    import threading
+    import types
+
+    from mpflight import _drivers
+    from mpflight._registry import registry
+
+    arm()
+
+    class InterruptedStart(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            raise KeyboardInterrupt("a signal right after the wait thread started")
+
+    group = mpflight.Group(name, timeout=CHILD_DEADLINE, check_interval=0.01)
+    at = registry.tables[name]
+    real = _drivers.threading
+    _drivers.threading = types.SimpleNamespace(**{**vars(threading), "Thread": InterruptedStart})  # type: ignore[assignment]
+    try:
+        if how == "future":
+            raised = group.do_future(key, _never).exception(CHILD_DEADLINE)
+        else:
+            try:
+                asyncio.run(group.do_async(key, _never))
+                raised = None
+            except KeyboardInterrupt as e:
+                raised = e
+    finally:
+        _drivers.threading = real
+    waits = [t for t in threading.enumerate() if t.name.startswith("mpflight-wait-")]
+    group.close()
+    mapped_after_close = not at.table.closed  # the wait thread still uses the table
+    Path(gate).touch()  # the owner returns; the wait thread wakes in the table and ends
+    for t in waits:
+        t.join(CHILD_DEADLINE)
+    report = {
+        "raised": type(raised).__name__,
+        "wait_threads": len(waits),
+        "mapped_after_close": mapped_after_close,
+        "waits_ended": not any(t.is_alive() for t in waits),
+        "unmapped_at_the_end": at.table.closed and name not in registry.tables,
+    }
+    Path(out).write_text(json.dumps(report))
