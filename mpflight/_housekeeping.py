@@ -34,8 +34,17 @@ from ._layout import (
     U32S,
     U64S,
 )
-from ._locks import SEP, lock_holder, shm_entries, table_headers, unlink_all, unlink_segment
-from ._protocol import Call, abort_dead, drop_dead_record, end_orphans, end_unregistered, slot_key, tier_bytes
+from ._locks import SEP, LockTimeout, lock_holder, shm_entries, table_headers, unlink_all, unlink_segment
+from ._protocol import (
+    Call,
+    abort_dead,
+    drop_dead_record,
+    end_orphans,
+    end_unregistered,
+    registered,
+    slot_key,
+    tier_bytes,
+)
 from ._registry import Attachment, Inside, registry, validate_table_name
 from ._table import COMPLETING, DONE, RUNNING, Table
 
@@ -283,17 +292,29 @@ class Reaper:
 
     def _round(self) -> None:
         """Run the deferred work, then sweep every table of the process."""
-        while True:
+        # Each job waits for its table's lock a bounded time, as the sweeps do: a table whose lock is
+        # held (by a stopped process, say) cannot hold up the others' work. Its jobs wait for the next
+        # round, the table mapped meanwhile (their markers stay).
+        stalled: set[int] = set()
+        for _ in range(registry.work.qsize()):  # what is queued again waits for the next round
             try:
                 at, marker, job = registry.work.get_nowait()
             except queue.Empty:
                 break
+            done = True
             try:
-                job()
+                if id(at) in stalled:
+                    raise LockTimeout("the table's lock was not free for its earlier job")
+                job(time.monotonic() + SWEEP_LOCK_WAIT)
+            except LockTimeout:
+                done = False
+                stalled.add(id(at))
+                registry.work.put((at, marker, job))
             except Exception:
                 log.exception("mpflight table %r: deferred work failed", at.table.group)
             finally:
-                at.leave(marker)
+                if done:
+                    at.leave(marker)
         if not self.sweeping.acquire(blocking=False):
             return  # held off (by a test): the deferred work above still runs
         try:
@@ -316,7 +337,7 @@ class Reaper:
                     "mpflight table %r: a thread has waited %.0f s for the table lock, held by %s", t.group,
                     now - since, f"pid {holder}" if holder else "a process that cannot be named",
                 )  # fmt: skip
-        orphans = any(ref() is None for ref in (*t.owners.values(), *t.readers.values()))
+        orphans = any(registered(entry) is None for entry in (*t.owners.values(), *t.readers.values()))
         states, records = bytes(t.states), bytes(t.rmap)
         busy = {(i, t.gen(i), state) for i, state in enumerate(states) if state}
         busy.update((-1 - r, 0, 0) for r, used in enumerate(records) if used)

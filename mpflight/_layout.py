@@ -236,3 +236,21 @@ class Geometry:
 
     def record(self, index: int) -> int:
         return self.record_base + index * RECORD_SIZE
+
+
+def header_geometry(fields: tuple[object, ...], size: int) -> Geometry | str:
+    """What a table's header (``HEADER``'s fields) describes, checked against the layout this version
+    writes and the object's ``size``: its Geometry, or which check failed: "version" (magic or layout
+    version), "geometry" (slot, key, payload or record sizes), "slots" (a slot count out of range),
+    "size" (a record count or object size that does not match). Each reader names the failure its way."""
+    magic, version, _, slots, slot_size, key_cap, payload_cap, records, record_size = fields[:9]
+    if magic != MAGIC or version != LAYOUT_VERSION:
+        return "version"
+    if (slot_size, key_cap, payload_cap, record_size) != (SLOT_SIZE, KEY_CAP, PAYLOAD_CAP, RECORD_SIZE):
+        return "geometry"
+    if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
+        return "slots"
+    geo = Geometry.for_slots(slots)
+    if records != geo.records or size < geo.size:
+        return "size"
+    return geo

@@ -38,18 +38,13 @@ from ._layout import (
     H_TIER_COUNTERS,
     HEADER,
     JOINABLE,
-    KEY_CAP,
     LAYOUT_VERSION,
-    MAGIC,
-    MAX_SLOTS,
-    PAYLOAD_CAP,
-    RECORD_SIZE,
     S_FLAGS,
     S_LINGER,
     S_OWNER_PID,
-    SLOT_SIZE,
     TIER_COUNTERS,
     Geometry,
+    header_geometry,
 )
 from ._locks import map_read_only, object_name, other_versions, table_objects
 from ._registry import validate_table_name
@@ -163,12 +158,12 @@ def _read(os_name: str, expected: str | None) -> TableMetrics:
     mm = map_read_only(expected or os_name, os_name)
     try:
         fields = HEADER.unpack_from(mm, 0)
-        magic, version, ready, slots, slot_size, key_cap, payload_cap, records, record_size = fields[:9]
-        name_len, created, raw = fields[9], fields[11], fields[12]
+        ready, name_len, created, raw = fields[2], fields[9], fields[11], fields[12]
         what = f"mpflight table {os_name}"
         if ready != 1:
             raise NotInitialised(expected or os_name)
-        if magic != MAGIC or version != LAYOUT_VERSION:
+        geo = header_geometry(fields, len(mm))
+        if geo == "version":
             raise DamagedTable(os_name, f"{what} has a damaged header (magic or version)")
         try:
             name = validate_table_name(raw[:name_len].decode())
@@ -176,15 +171,15 @@ def _read(os_name: str, expected: str | None) -> TableMetrics:
             raise DamagedTable(os_name, f"{what} has a damaged header (its name)") from None
         if object_name(name) != os_name or expected not in (None, name):
             raise DamagedTable(os_name, f"{what} names another table in its header: {name!r}")
-        if (slot_size, key_cap, payload_cap, record_size) != (SLOT_SIZE, KEY_CAP, PAYLOAD_CAP, RECORD_SIZE):
+        if geo == "geometry":
             raise DamagedTable(os_name, f"{what} has another geometry than this version of mpflight writes")
-        if not 1 <= slots <= MAX_SLOTS:
+        if geo == "slots":
             raise DamagedTable(os_name, f"{what} has a damaged header (its slot count)")
-        geo = Geometry.for_slots(slots)
-        if records != geo.records or len(mm) < geo.size:
+        if not isinstance(geo, Geometry):
             raise DamagedTable(
                 os_name, f"{what} is damaged: its size or record count does not match its header"
             )
+        slots = geo.slots
         # Native u64 loads (memoryview.cast), each counter read whole; struct's "<Q" reads byte by byte.
         with memoryview(mm) as view:
             with view[H_COUNTERS : H_COUNTERS + COUNTERS.size] as part, part.cast("Q") as words:

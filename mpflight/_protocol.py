@@ -216,6 +216,31 @@ def _held(ref: weakref.ref[Call] | None) -> bool:
     return ref is not None and ref() is not None
 
 
+# A claim made by ``enter`` is registered under its Call itself, not a weak reference to it: nearly
+# every claim is freed a few microseconds later, and a weak reference would cost it a few percent of
+# its time. Whoever needs to know whether somebody still holds a claim asks ``_held_claim``, which
+# weakens its entry first; the reaper asks of every claim of this process that stays in the table.
+
+
+def registered(entry: Call | weakref.ref[Call] | None) -> Call | None:
+    """The Call a registration names, if it still exists."""
+    return entry if entry is None or isinstance(entry, Call) else entry()
+
+
+def _held_claim(t: Table, index: int, gen: int) -> bool:
+    """Whether somebody in this process is still responsible for its claim (index, gen)."""
+    entry = t.owners.get((index, gen))
+    if isinstance(entry, Call):
+        entry = t.owners[index, gen] = weakref.ref(entry)  # this name no longer holds the Call
+    return _held(entry)
+
+
+def _locked_later(t: Table, body: Callable[..., object], *args: object) -> Callable[[float | None], object]:
+    """Work for the reaper (``Table.defer``): ``body(*args)`` under the lock, by the deadline the reaper
+    gives (LockTimeout: it tries again at its next round)."""
+    return lambda deadline: t.locked(body, *args, deadline=deadline)
+
+
 def _table_lock_timeout(opts: Options) -> WaitTimeout:
     return WaitTimeout(
         f"gave up waiting {opts.timeout} s for the table lock of {opts.name!r}", None, opts.timeout
@@ -359,21 +384,21 @@ class Call:
 
     own = own  # the one owner runner, defined above: fn here, then finish
 
-    def finish(self, value: object, error: BaseException | None, wait: bool = True) -> bool:
+    def finish(self, value: object, error: BaseException | None, later: float | None = None) -> bool:
         """fn returned ``value`` or raised ``error``: end the call. Returns ``shared``.
 
         Nobody joined: the slot is FREE again, in this one hold of the lock. Somebody did: the outcome
         is written and published, and the waiters are woken. fn's caller has its outcome whatever
         happens here; when the lock is not free by the deadline, the rest runs in the reaper (which
-        keeps this Call, and so the claim, alive). ``wait`` False: the reaper's run, which may wait.
+        keeps this Call, and so the claim, alive). ``later``: the reaper's run, by that deadline.
         """
         t = self.t
-        deadline = self.deadline if wait else None
+        deadline = self.deadline if later is None else later
         try:
             remote = t.locked(self._finishing, value, error, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(Call.finish, self, value, error, False))
+            t.defer(functools.partial(Call.finish, self, value, error))
             return bool(t.u32s[self.index * U32S + I_JOINS])
         if remote is None:
             return False
@@ -488,7 +513,7 @@ class Call:
             waiters = t.locked(self._publishing, where, length, outcome, deadline=deadline)
         except LockTimeout:
             self.pending = True
-            t.defer(functools.partial(self.publish, where, length, None, outcome))
+            t.defer(functools.partial(self.publish, where, length, outcome=outcome))
             return
         if waiters:
             self._post(waiters)
@@ -545,7 +570,7 @@ class Call:
         try:
             self.t.locked(body, *args, deadline=self.deadline)
         except LockTimeout:
-            self.t.defer(functools.partial(self.t.locked, body, *args))
+            self.t.defer(_locked_later(self.t, body, *args))
 
     def _renaming(self, tid: int) -> None:
         if self.t.gen(self.index) == self.gen and self.t.states[self.index] == RUNNING:
@@ -620,7 +645,7 @@ class Call:
                 try:
                     done = t.locked(self._giving_up, began, deadline=now)
                 except LockTimeout:  # the reaper leaves for us: never wait past the deadline
-                    t.defer(functools.partial(t.locked, self._giving_up, began))
+                    t.defer(_locked_later(t, self._giving_up, began))
                     done = False
                 if done:
                     break
@@ -747,7 +772,7 @@ class Call:
             try:
                 t.locked(self._leaving, began, served, deadline=deadline)
             except LockTimeout:  # the outcome is ours already: leave in the background
-                t.defer(functools.partial(t.locked, self._leaving, began, served))
+                t.defer(_locked_later(t, self._leaving, began, served))
 
     def _leaving(self, began: float | None, served: bool = False) -> None:
         """Under the lock: drop the waiter's record; the last reader of a DONE call frees its slot.
@@ -969,22 +994,25 @@ def _entering(
                 t.bump(C_FALLBACKS)
                 return "waiter records"
             # _OWNER_GONE: its call is aborted; start a new one
-    state_map = t.geo.state_map  # nobody runs this key: claim the first free slot from its home on
-    index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
-    if index < 0:
-        index = t.mm.find(b"\0", state_map, state_map + home)
-        if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
-            index = t.mm.find(b"\0", state_map, state_map + t.slots)
+    # Nobody runs this key: claim the first free slot from its home on (usually the home itself).
+    index = home
+    if t.states[home]:
+        state_map = t.geo.state_map
+        index = t.mm.find(b"\0", state_map + home, state_map + t.slots)
         if index < 0:
-            t.bump(C_FALLBACKS)
-            return "slots"
+            index = t.mm.find(b"\0", state_map, state_map + home)
+            if index < 0 and _evict_lingering(t):  # a full table: a lingering outcome makes room first
+                index = t.mm.find(b"\0", state_map, state_map + t.slots)
+            if index < 0:
+                t.bump(C_FALLBACKS)
+                return "slots"
+        index -= state_map
     # Claim it: registered under the Call before the state byte makes it a call, and counted as a run
     # (every call is counted once, as a run, a join or a fallback, whatever happens next).
-    index -= state_map
     off = t.geo.slot_base + index * SLOT_SIZE
     gen = (t.u64s[index * U64S] + 1) & 0xFFFFFFFFFFFFFFFF
     call.index, call.gen, call.record = index, gen, -1
-    t.owners[index, gen] = weakref.ref(call)
+    t.owners[index, gen] = call  # weakened when somebody asks (_held_claim)
     counters = t.counters
     counters[C_RUNS] = (counters[C_RUNS] + 1) & 0xFFFFFFFFFFFFFFFF
     mm = t.mm
@@ -1055,7 +1083,7 @@ def _try_join(
         mine = t.u64s[index * U64S + Q_OWNER_START] == start
         if "own-identity" in _faults.DISABLED:
             pass  # a bare pid: ours, and so a DeadlockError below
-        elif not mine or not _held(t.owners.get((index, gen))):
+        elif not mine or not _held_claim(t, index, gen):
             found._aborting("owner died" if not mine else "the owner left do() early")
             return _OWNER_GONE
     else:
@@ -1218,22 +1246,23 @@ def recover(call: Call, deadline: float | None = None) -> None:
     if (
         t.closed
         or call.pending
-        or not any(ref() is call for ref in (*t.owners.values(), *t.readers.values()))
+        or not any(registered(entry) is call for entry in (*t.owners.values(), *t.readers.values()))
         or "recover" in _faults.DISABLED
     ):
         return
     try:
         t.locked(end_orphans, t, call, deadline=deadline)
     except LockTimeout:
-        t.defer(functools.partial(t.locked, end_orphans, t, call))
+        t.defer(_locked_later(t, end_orphans, t, call))
 
 
 def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:
     """Under the lock: end the claims and records registered under ``token``, or (None) under a Call
-    that no longer exists. Returns how many calls and records."""
+    that no longer exists (a claim still registered under its Call itself is end_unregistered's).
+    Returns how many calls and records."""
     calls = records = 0
-    for (index, gen), ref in list(t.owners.items()):
-        held = ref()
+    for (index, gen), entry in list(t.owners.items()):
+        held = registered(entry)
         if held is not token if token is not None else held is not None:
             continue
         calls += 1
@@ -1272,7 +1301,7 @@ def end_unregistered(t: Table) -> tuple[int, int]:
             continue
         gen = t.gen(index)
         owner = (t.u32s[index * U32S + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
-        if owner == me and not _held(t.owners.get((index, gen))):
+        if owner == me and not _held_claim(t, index, gen):
             Call.of(t, index, gen)._aborting("the owner left do() early (an exception interrupted it)")
             calls += 1
     base, end = t.geo.record_map, t.geo.record_map + t.records

@@ -84,8 +84,10 @@ class Attachment:
         if not active and not self.refs:
             registry.close_unused(self)
 
-    def defer(self, job: Callable[[], object]) -> None:
-        """Run ``job`` in the reaper thread, soon; the table stays mapped until then."""
+    def defer(self, job: Callable[[float | None], object]) -> None:
+        """Run ``job`` in the reaper thread, soon; the table stays mapped until then. It is called with
+        a deadline for the table lock, and raises LockTimeout if the lock is not free by then (a stopped
+        holder): the reaper tries again at its next round and meanwhile sweeps the other tables."""
         marker = object()
         self.active.add(marker)
         registry.work.put((self, marker, job))
@@ -125,7 +127,9 @@ class Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.tables: dict[str, Attachment] = {}
-        self.work: queue.SimpleQueue[tuple[Attachment, object, Callable[[], object]]] = queue.SimpleQueue()
+        self.work: queue.SimpleQueue[tuple[Attachment, object, Callable[[float | None], object]]] = (
+            queue.SimpleQueue()
+        )
         self.wake = threading.Event()
         # Starts this process's reaper if it does not run (set by mpflight._housekeeping).
         self.start_reaper: Callable[[], None] = lambda: None

@@ -59,6 +59,7 @@ from ._layout import (
     U64S,
     Geometry,
     SlotState,
+    header_geometry,
 )
 from ._locks import (
     NAME_TRIES,
@@ -77,9 +78,9 @@ log = logging.getLogger("mpflight")
 R = TypeVar("R")
 
 
-def _no_deferral(job: Callable[[], object]) -> None:
+def _no_deferral(job: Callable[[float | None], object]) -> None:
     """A table not attached through the registry (a tool's) runs deferred work at once."""
-    job()
+    job(None)
 
 
 def _held_by(fd: int) -> bool:
@@ -103,6 +104,7 @@ MAX_KEY_BYTES: Final = 64 * 1024
 # Whether the next holder of the lock repairs what a dead holder left (a test switch turns it off).
 _REPAIR: Final = "repair" not in _faults.DISABLED
 _FAULT: Final = _faults.FAULT  # read once, as _faults reads it
+_TRY_LOCK: Final = LOCK_EX | LOCK_NB
 # The mode of a table made without mode=: only its user gets in.
 DEFAULT_MODE: Final = 0o600
 
@@ -166,11 +168,12 @@ class Table:
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
         # it made: weak references to the callers' Calls (mpflight._protocol), written under the lock
         # with the claim or record. One whose Call is gone was left by an exception; the reaper ends it.
-        self.owners: dict[tuple[int, int], weakref.ref[Any]] = {}
+        # A claim is registered under its Call itself until somebody asks (_protocol._held_claim).
+        self.owners: dict[tuple[int, int], Any] = {}
         self.readers: dict[int, weakref.ref[Any]] = {}
         # Runs a transition's rest in the background when the lock was not free by a caller's deadline
         # (set by mpflight._registry, which keeps the table mapped until it has run).
-        self.defer: Callable[[Callable[[], object]], None] = _no_deferral
+        self.defer: Callable[[Callable[[float | None], object]], None] = _no_deferral
         # The hooks of the tiers stacked behind the table in this process (mpflight._tier), called after
         # the lock is released with each call that carried tier bytes and was aborted or freed meanwhile:
         # (event, key, bytes, reason). Noted under the lock in ``events``.
@@ -230,37 +233,29 @@ class Table:
         return g
 
     def _check(self, fields: tuple[object, ...], size: int, slots: int | None) -> Geometry:
-        magic, version, _, t_slots, slot_size, key_cap, result_cap, records, record_size, name_len = fields[
-            :10
-        ]
-        pidns, name = fields[10], fields[12]
+        version, name_len, pidns, name = fields[1], fields[9], fields[10], fields[12]
         what = f"mpflight table {self.group!r} ({self.file.os_name})"
-        if magic != MAGIC or version != LAYOUT_VERSION:
+        g = header_geometry(fields, size)
+        if g == "version":
             raise IncompatibleTable(
                 self.group, f"{what} has an incompatible layout (version {version!r}, ours {LAYOUT_VERSION})"
             )
-        assert isinstance(t_slots, int) and isinstance(name, bytes) and isinstance(name_len, int)
-        if (slot_size, key_cap, result_cap, record_size) != (
-            SLOT_SIZE,
-            KEY_CAP,
-            PAYLOAD_CAP,
-            RECORD_SIZE,
-        ) or not (1 <= t_slots <= MAX_SLOTS):
+        if g in ("geometry", "slots"):
             raise IncompatibleTable(
                 self.group, f"{what} has another geometry than this version of mpflight writes"
             )
-        g = Geometry.for_slots(t_slots)
-        if records != g.records or size < g.size:
+        if not isinstance(g, Geometry):
             raise DamagedTable(
                 self.group, f"{what} is damaged: its size or record count does not match its header"
             )
+        assert isinstance(name, bytes) and isinstance(name_len, int)
         if name[:name_len] != self.group.encode():
             raise IncompatibleTable(
                 self.group, f"{what} belongs to group {name[:name_len]!r}: two names share one digest"
             )
-        if slots is not None and slots != t_slots:
+        if slots is not None and slots != g.slots:
             raise IncompatibleTable(
-                self.group, f"{what} exists with {t_slots} slots, not {slots}: unlink it to resize"
+                self.group, f"{what} exists with {g.slots} slots, not {slots}: unlink it to resize"
             )
         if pidns not in (0, _owner.pid_namespace()) and "pidns-check" not in _faults.DISABLED:
             raise IncompatibleTable(
@@ -280,20 +275,19 @@ class Table:
         exception was raised inside it, leaves it set, and the next holder repairs.
         Raises LockTimeout when ``deadline`` (monotonic) passes before the lock is free.
         """
-        lock = self.lock
         try:
-            hold = lock.local.hold
+            hold = self.lock.local.hold
         except AttributeError:
-            hold = lock.hold()
+            hold = self.lock.hold()
         events = None
         try:
             if hold.fd == hold.own:
                 try:  # acquire's first step, taken here because it is what nearly every hold needs
-                    flock(hold.fd, LOCK_EX | LOCK_NB)  # contended when it raises
+                    flock(hold.fd, _TRY_LOCK)  # contended when it raises
                 except BlockingIOError:
-                    lock.acquire(hold, deadline)  # contended
+                    self.lock.acquire(hold, deadline)  # contended
             else:
-                lock.acquire(hold, deadline)
+                self.lock.acquire(hold, deadline)
             if _FAULT:
                 _faults.reached("locked")
             mm = self.mm
@@ -303,17 +297,26 @@ class Table:
                 self.repair()
             mm[H_DIRTY] = 1
             result = body(*args)
-            if self.damaged:
-                self.damaged = False  # the byte stays set: the next holder repairs what we found
+            if self.damaged or self.events:
+                events = self._noted()
             elif _REPAIR:
                 mm[H_DIRTY] = 0
-            if self.events:  # taken while the lock is held, as they were noted: no other hold's are lost
-                events, self.events = self.events, []
             return result
         finally:
             flock(hold.fd, LOCK_UN)
             if events:
                 self._tell_tiers(events)
+
+    def _noted(self) -> list[tuple[str, str | bytes, bytes, str]]:
+        """At the end of a body that found damage or noted events: the dirty byte stays set for the
+        next holder to repair what was found; the events are taken while the lock is held, as they
+        were noted (no other hold's are lost), to be told once it is released."""
+        if self.damaged:
+            self.damaged = False
+        elif _REPAIR:
+            self.mm[H_DIRTY] = 0
+        events, self.events = self.events, []
+        return events
 
     def _tell_tiers(self, events: list[tuple[str, str | bytes, bytes, str]]) -> None:
         """Outside the lock: hand the events a body noted to the hooks of the tiers behind the table."""

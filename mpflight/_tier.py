@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from . import _protocol
 from ._errors import AbortError, WaitTimeout
 from ._protocol import ALONE, JOIN, OWN, Call, Options, Result, RunHere
-from ._registry import Attachment, Inside
+from ._registry import Attachment, Inside, registry
 
 log = logging.getLogger("mpflight")
 
@@ -138,12 +138,17 @@ class ShmCaller(Call):
     ) -> None:
         if self.handed:
             return
-        at = self.at
+        if exc_type is None:  # the common end: Attachment.leave, inline
+            at = self.at
+            active = at.active
+            active.discard(id(self))
+            if not active and not at.refs:
+                registry.close_unused(at)
+            return
         try:
-            if exc_type is not None:
-                _protocol.recover(self, self.deadline)
+            _protocol.recover(self, self.deadline)
         finally:
-            at.leave(id(self))
+            self.at.leave(id(self))
 
     def recover(self, wait: bool = True) -> None:
         _protocol.recover(self, self.deadline if wait else time.monotonic())
@@ -170,7 +175,10 @@ class ShmTier:
 
     def caller(self, deadline: float | None) -> ShmCaller:
         c = ShmCaller()
-        c.at, c.t, c.opts, c.deadline = self.at, self.table, self.opts, deadline
+        c.at = self.at
+        c.t = self.table
+        c.opts = self.opts
+        c.deadline = deadline
         c.pending = c.handed = c.hit = False
         c.seen = 0
         return c

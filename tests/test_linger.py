@@ -462,6 +462,37 @@ def _reaper_past_a_held_lock(held: str, name: str, runs: Path) -> None:
         assert segments(name) == []
 
 
+def test_work_deferred_on_a_table_whose_lock_is_held_does_not_hold_up_the_reaper(
+    name: str, tmp_path: Path
+) -> None:
+    """An owner's finish could not have the table lock by its deadline (somebody holds it, as a stopped
+    process would) and went to the reaper: the reaper tries it for a bounded time, leaves it for a
+    later round, and frees another table's expired linger meanwhile. Once the lock is free, the
+    finish is done and the slot is free again."""
+    runs = Gate(tmp_path).runs
+    held = f"{name}-held"
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(mpflight.unlink, held)
+        with mpflight.Group(held) as stuck, mpflight.Group(name, linger=SHORT) as group:
+            with no_reaper():
+                assert group.do("k", record, runs, "big") == BIG
+            fd = os.open(mpflight._locks.shm_path(stuck._table().file.os_name), os.O_RDWR)
+            try:
+
+                def take_the_lock() -> str:  # a description of its own: the owner's finish waits for it
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    return "v"
+
+                assert stuck.with_options(timeout=0.2).do("s", take_the_lock) == "v"
+                assert busy_slots(stuck) == 1  # its finish is the reaper's now
+                wait_until(lambda: busy_slots(group) == 0, "the reaper to free the other table's slot")
+                assert busy_slots(stuck) == 1
+            finally:
+                os.close(fd)
+            wait_until(lambda: busy_slots(stuck) == 0, "the reaper to finish the call")
+        assert segments(name) == []
+
+
 # -- 8: a full table ----------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -483,3 +484,29 @@ def test_gunicorn_with_recycled_workers_scraped_through_prometheus_client(
         "gate",
         "server.out",
     ]
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [
+        (_layout.H_MAGIC, int.from_bytes(b"NOTMPFLI", "little"), "damaged header (magic or version)"),
+        (20, 1, "another geometry"),  # the slot size
+        (16, 0, "damaged header (its slot count)"),
+        (32, 7, "size or record count does not match"),  # the record count
+    ],
+)
+def test_a_damaged_header_is_reported_not_read(name: str, offset: int, value: int, message: str) -> None:
+    """A scrape reads only what the header describes as this version's layout (the same checks as an
+    attach's, in mpflight._layout): each damaged field is a DamagedTable that says which, and a scrape
+    of every table counts the table as unreadable rather than failing."""
+    with mpflight.Group(name) as group:
+        group.do("k", int)
+        os_name = group._table().file.os_name
+    width = 8 if offset == _layout.H_MAGIC else 4
+    with open(f"/dev/shm/{os_name.lstrip('/')}", "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(width, "little"))
+    with pytest.raises(mpflight.MPFlightError, match=re.escape(message)) as raised:
+        _metrics.read_table(name)
+    assert type(raised.value).__name__ == "DamagedTable"
+    assert _metrics.scrape([name]).skipped["unreadable"] == 1

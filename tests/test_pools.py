@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -85,6 +86,34 @@ def test_a_group_opened_before_fork_works_in_the_children(name: str, tmp_path: P
 def _work_into(group: mpflight.Group, gate: Gate, out: str) -> None:
     workers.arm()
     Path(out).write_text(group.do("k", workers.held, gate.gate, gate.runs, "v"))  # type: ignore[arg-type]
+
+
+def test_a_forked_child_takes_the_table_lock_on_a_description_of_its_own(name: str, tmp_path: Path) -> None:
+    """A group opened before fork: a child's locked region keeps the parent out. (A description
+    inherited from the parent would be the parent's own lock: flock would let both in at once.)"""
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    with mpflight.Group(name) as group:
+        group.do("warm", int)  # the parent's thread has its description now
+        child = mp_context("fork").Process(target=_hold_the_lock, args=(group, str(ready), str(release)))
+        child.start()
+        try:
+            wait_until(ready.exists, "the child inside its locked region")
+            hold = group._table().lock.hold()
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(hold.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            release.touch()
+            child.join(DEADLINE)
+        assert child.exitcode == 0
+        assert group.do("after", lambda: "parent still works") == "parent still works"
+
+
+def _hold_the_lock(group: mpflight.Group, ready: str, release: str) -> None:
+    def inside() -> None:
+        Path(ready).touch()
+        wait_until(Path(release).exists, "the parent's look")
+
+    group._table().locked(inside)
 
 
 def test_the_pools_example_runs() -> None:

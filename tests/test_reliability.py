@@ -343,6 +343,49 @@ def test_a_killed_waiters_outcome_is_reclaimed_in_a_quiet_table(
         owner.communicate(timeout=DEADLINE)
 
 
+@pytest.mark.parametrize("disabled", ["", "reaper"])
+def test_a_claim_its_caller_left_behind_is_ended_by_its_processs_reaper(
+    name: str, tmp_path: Path, disabled: str
+) -> None:
+    """A thread claims a call and leaves without ending it (what an exception inside the cleanup
+    itself leaves) while a caller in another process waits for it: the process lives on, so only its
+    own reaper can tell that nobody there holds the claim any more. It ends it, and the waiter gets
+    AbortError instead of waiting out its timeout. (A claim is registered under its Call itself,
+    which the reaper weakens when it asks: without that, the registration would hold the Call.)"""
+    go, quit_ = tmp_path / "go", tmp_path / "quit"
+    leaver = child(
+        "import os, time, mpflight\n"
+        f"g = mpflight.Group({name!r})\n"
+        "g.do('warm', int)  # its first call starts the process's reaper\n"
+        "caller = g._tier.caller(None)\n"
+        "assert caller.enter('k', 1, True) == mpflight._protocol.OWN\n"
+        "print('claimed', flush=True)\n"
+        f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\n"
+        "del caller  # gone, its claim still registered\n"
+        f"while not os.path.exists({str(quit_)!r}):\n    time.sleep(0.01)\n",
+        disabled=disabled,
+    )
+    assert leaver.stdout is not None and leaver.stdout.readline() == "claimed\n"
+    timeout = BLOCKED_FOR if disabled else DEADLINE
+    waiter = child(
+        "import json, mpflight\n"
+        f"g = mpflight.Group({name!r}, timeout={timeout})\n"
+        "try:\n    print(json.dumps(g.do('k', lambda: 'ran')))\n"
+        "except mpflight.MPFlightError as e:\n    print(json.dumps(type(e).__name__))\n"
+    )
+    try:
+        with mpflight.Group(name) as g:
+            wait_until(lambda: waiting(g, "k") == 1, "the waiter to join")
+        go.touch()
+        out, _ = waiter.communicate(timeout=DEADLINE + 10)
+        assert json.loads(out) == ("WaitTimeout" if disabled else "AbortError")
+    finally:
+        quit_.touch()
+        leaver.communicate(timeout=DEADLINE)
+        waiter.kill()
+        waiter.wait()
+
+
 def test_inflight_lists_only_calls_with_a_live_participant(name: str, tmp_path: Path) -> None:
     dead, _, _ = remote_owner(name, "dead", "value", tmp_path)
     live, gate, _ = remote_owner(name, "live", "value", tmp_path)
