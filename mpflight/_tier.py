@@ -138,17 +138,11 @@ class ShmCaller(Call):
     ) -> None:
         if self.handed:
             return
-        if exc_type is None:  # the common end: Attachment.leave, inline
-            at = self.at
-            active = at.active
-            active.discard(id(self))
-            if not active and not at.refs:
-                registry.close_unused(at)
-            return
         try:
-            _protocol.recover(self, self.deadline)
+            if exc_type is not None:
+                _protocol.recover(self, self.deadline)
         finally:
-            self.at.leave(id(self))
+            self.close()
 
     def recover(self, wait: bool = True) -> None:
         _protocol.recover(self, self.deadline if wait else time.monotonic())
@@ -157,7 +151,11 @@ class ShmCaller(Call):
         self.handed = True
 
     def close(self) -> None:
-        self.at.leave(id(self))
+        at = self.at  # Attachment.leave, inline: every call ends here
+        active = at.active
+        active.discard(id(self))
+        if not active and not at.refs:
+            registry.close_unused(at)
 
 
 class ShmTier:
