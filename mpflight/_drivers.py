@@ -88,8 +88,8 @@ def call(
     for every call (about 2% of an uncontended call, measured by scripts/count_instructions.py).
     """
     c = tier.caller(deadline)
-    c.__enter__()
     try:
+        c.__enter__()  # inside: an exception at its return still leaves the attachment
         role = c.enter(key, get_ident(), True)
         if role == OWN:
             return c.own(fn, args, kwargs)
@@ -108,12 +108,17 @@ def call(
 
 
 def _resolve(future: Future[Any], result: object = None, error: BaseException | None = None) -> None:
-    """Resolve a caller's future, unless it was cancelled: then that caller has already gone."""
-    if future.set_running_or_notify_cancel():
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    """Resolve a caller's future, unless it was cancelled or resolved already: then that caller has
+    gone, or had its outcome (an interruption ended its call while a wait thread went on)."""
+    try:
+        if not future.set_running_or_notify_cancel():
+            return
+    except RuntimeError:  # resolved already (the claim to resolve it is taken under its lock)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 # -- do_future ----------------------------------------------------------------------------------------

@@ -610,6 +610,8 @@ class Call:
         check_at = began + interval
         u32s, mm, off = t.u32s, t.mm, t.slot_off(index)
         while True:
+            if self.record < 0:  # its caller's block ended it under this thread (end_orphans)
+                raise Detached
             state = t.states[index]
             if state == DONE and t.gen(index) == gen:
                 break
@@ -667,7 +669,12 @@ class Call:
         t, index = self.t, self.index
         base, off = index * U32S, t.slot_off(index)
         owner = (t.u32s[base + I_OWNER_PID], t.u64s[index * U64S + Q_OWNER_START])
-        if t.gen(index) != self.gen or t.states[index] != RUNNING or t.rmap[self.record] != 1:
+        if (
+            t.gen(index) != self.gen
+            or t.states[index] != RUNNING
+            or self.record < 0
+            or t.rmap[self.record] != 1
+        ):
             return owner  # published, lost or left meanwhile: the wait loop sees which
         taken = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little")
         budget = self.opts.takeovers
@@ -726,7 +733,7 @@ class Call:
         t = self.t
         if t.states[self.index] == DONE and t.gen(self.index) == self.gen:
             return True
-        if t.rmap[self.record] == 1:
+        if self.record >= 0 and t.rmap[self.record] == 1:
             self._leaving(began)
             t.bump(C_TIMEOUTS)
         return False
@@ -780,7 +787,7 @@ class Call:
         ``began`` is when the waiter began to wait; None when reclaiming a record that nobody left.
         """
         t, record, index = self.t, self.record, self.index
-        if t.rmap[record] != 1:
+        if record < 0 or t.rmap[record] != 1:
             t.readers.pop(record, None)
             return  # left already (reclaimed, or by a repair)
         t.rmap[record] = 0
@@ -1288,6 +1295,10 @@ def end_orphans(t: Table, token: Call | None) -> tuple[int, int]:
             _, slot, _, _, gen, _ = RECORD.unpack_from(t.mm, t.geo.record(record))
             Call.of(t, slot, gen, record)._leaving(None)
         t.readers.pop(record, None)
+        if held is not None and held.record == record:
+            # A thread may still wait under this Call (a wait thread its caller left): the record it
+            # would leave may be another waiter's by then. It holds none now, and ends at its next look.
+            held.record = -1
     return calls, records
 
 
@@ -1335,4 +1346,5 @@ def drop_dead_record(call: Call, fields: tuple[object, ...]) -> bool:
 
 
 class Detached(Exception):
-    """A waiter whose future was cancelled leaves its call (raised inside Call.wait)."""
+    """A waiter whose future was cancelled leaves its call, or one whose record its caller's block
+    ended while this thread waited under it (raised inside Call.wait)."""

@@ -552,29 +552,33 @@ def test_asyncio_owner_cancelled_by_loop_shutdown_aborts(name: str) -> None:
         assert group.stats()["aborts"] == 1
 
 
+@pytest.mark.parametrize("when", ["taken", "not started"])
 @pytest.mark.parametrize("how", ["future", "async"])
-def test_an_interruption_right_after_a_wait_thread_starts_leaves_it_its_table(
-    name: str, tmp_path: Path, how: str
+def test_an_interruption_as_a_wait_thread_starts_leaves_it_its_table(
+    name: str, tmp_path: Path, how: str, when: str
 ) -> None:
-    """A KeyboardInterrupt that comes just after a waiter's wait thread has started (before the call
-    handed it the entry) ends the caller's block, and the app closes its handle: the thread still waits
-    in the table, so the table stays mapped until that thread is done, and then goes. Unmapped under it,
+    """A KeyboardInterrupt that comes as a waiter's wait thread starts ends the caller's block, and the
+    app closes its handle. A thread that has taken the entry still waits in the table: the table stays
+    mapped until that thread is done (it ends at its next look, with no error), and then goes; one that
+    never started holds nothing, and the table goes with the handle. Unmapped under a waiting thread,
     the semaphore it waits on is closed, and the process dies of SIGSEGV when the wait wakes."""
     proc, gate, owned = remote_owner(name, "k", "value", tmp_path)
     report = tmp_path / "report"
     waiter = mp_context("spawn").Process(
-        target=workers.interrupted_wait_start, args=(name, "k", gate.gate, str(report), how)
+        target=workers.interrupted_wait_start, args=(name, "k", gate.gate, str(report), how, when)
     )
     waiter.start()
     waiter.join(DEADLINE)
     proc.join(DEADLINE)
     assert waiter.exitcode == 0, f"the waiting process died with exit code {waiter.exitcode}"
+    started = when == "taken"
     assert json.loads(report.read_text()) == {
         "raised": "KeyboardInterrupt",
-        "wait_threads": 1,
-        "mapped_after_close": True,
+        "wait_threads": int(started),
+        "mapped_after_close": started,
         "waits_ended": True,
         "unmapped_at_the_end": True,
+        "thread_errors": [],
     }
     assert proc.exitcode == 0
     assert pickle.loads(owned.read_bytes())[:2] == ("value", "the value")

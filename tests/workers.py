@@ -500,11 +500,12 @@ def interrupt_peer(conn: object, timeout: float) -> None:
         thread.start()
 
 
-def interrupted_wait_start(name: str, key: str, gate: str, out: str, how: str) -> None:
+def interrupted_wait_start(name: str, key: str, gate: str, out: str, how: str, when: str) -> None:
     """Join the call for key (another process owns it, held by the gate) with ``how`` ("future" or
-    "async"), a KeyboardInterrupt arriving right after the wait thread started; close the handle while
-    that thread still waits, then open the gate. Writes what followed to out as JSON; a table unmapped
-    under the wait thread kills this process instead (SIGSEGV in its semaphore wait)."""
+    "async"), a KeyboardInterrupt arriving as the wait thread starts: once it has taken the entry
+    (``when`` "taken") or before it exists ("not started"); close the handle, then open the gate.
+    Writes what followed to out as JSON; a table unmapped under the wait thread kills this process
+    instead (SIGSEGV in its semaphore wait)."""
     import asyncio
     import threading
     import types
@@ -513,10 +514,18 @@ def interrupted_wait_start(name: str, key: str, gate: str, out: str, how: str) -
     from mpflight._registry import registry
 
     arm()
+    errors: list[str] = []
+    threading.excepthook = lambda args: errors.append(f"{args.exc_type.__name__}: {args.exc_value}")
 
     class InterruptedStart(threading.Thread):
         def start(self) -> None:
+            if when == "not started":
+                raise KeyboardInterrupt("a signal before the wait thread started")
             super().start()
+            handed = self._target.__self__  # type: ignore[attr-defined]
+            end = time.monotonic() + CHILD_DEADLINE
+            while handed.state == _drivers._HANDING and time.monotonic() < end:
+                time.sleep(0.001)  # until the thread has taken the entry
             raise KeyboardInterrupt("a signal right after the wait thread started")
 
     group = mpflight.Group(name, timeout=CHILD_DEADLINE, check_interval=0.01)
@@ -540,11 +549,15 @@ def interrupted_wait_start(name: str, key: str, gate: str, out: str, how: str) -
     Path(gate).touch()  # the owner returns; the wait thread wakes in the table and ends
     for t in waits:
         t.join(CHILD_DEADLINE)
+    end = time.monotonic() + CHILD_DEADLINE  # the reaper may be the last to leave the table
+    while not at.table.closed and time.monotonic() < end:
+        time.sleep(0.001)
     report = {
         "raised": type(raised).__name__,
         "wait_threads": len(waits),
         "mapped_after_close": mapped_after_close,
         "waits_ended": not any(t.is_alive() for t in waits),
         "unmapped_at_the_end": at.table.closed and name not in registry.tables,
+        "thread_errors": errors,
     }
     Path(out).write_text(json.dumps(report))
