@@ -8,6 +8,7 @@ under the lock. Every transition these make is the protocol's (mpflight._protoco
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -273,6 +274,7 @@ class Reaper:
         self.pid = 0
         self.lock = threading.Lock()
         self.sweeping = threading.Lock()  # held through each sweep; while a test holds it, no sweeps
+        self.working = threading.Lock()  # held while deferred work runs (the reaper's, or the exit's)
 
     def ensure(self) -> None:
         """Start this process's reaper thread if it does not run yet."""
@@ -292,6 +294,33 @@ class Reaper:
 
     def _round(self) -> None:
         """Run the deferred work, then sweep every table of the process."""
+        with self.working:
+            self._deferred()
+        if not self.sweeping.acquire(blocking=False):
+            return  # held off (by a test): the deferred work above still runs
+        try:
+            for at in registry.live():
+                try:
+                    with Inside(at):
+                        self._sweep(at)
+                except Exception:  # closed, or removed or damaged under us: the next sweep looks again
+                    log.debug("mpflight table %r: sweep failed", at.table.group, exc_info=True)
+        finally:
+            self.sweeping.release()
+
+    def at_exit(self) -> None:
+        """When the interpreter exits: run the work callers handed over that is still queued (a waiter's
+        give-up, an owner's publish), once, bounded as a round's; the reaper thread dies with the
+        process and would never run it. The job a round is running is waited for first."""
+        if self.pid != os.getpid() or registry.work.empty():
+            return
+        if self.working.acquire(timeout=2 * SWEEP_LOCK_WAIT):
+            try:
+                self._deferred()
+            finally:
+                self.working.release()
+
+    def _deferred(self) -> None:
         # Each job waits for its table's lock a bounded time, as the sweeps do: a table whose lock is
         # held (by a stopped process, say) cannot hold up the others' work. Its jobs wait for the next
         # round, the table mapped meanwhile (their markers stay).
@@ -315,17 +344,6 @@ class Reaper:
             finally:
                 if done:
                     at.leave(marker)
-        if not self.sweeping.acquire(blocking=False):
-            return  # held off (by a test): the deferred work above still runs
-        try:
-            for at in registry.live():
-                try:
-                    with Inside(at):
-                        self._sweep(at)
-                except Exception:  # closed, or removed or damaged under us: the next sweep looks again
-                    log.debug("mpflight table %r: sweep failed", at.table.group, exc_info=True)
-        finally:
-            self.sweeping.release()
 
     def _sweep(self, at: Attachment) -> None:
         t, now = at.table, time.monotonic()
@@ -350,11 +368,13 @@ class Reaper:
 
 reaper: Final = Reaper()
 registry.start_reaper = reaper.ensure
+atexit.register(reaper.at_exit)
 
 
 def _after_fork_in_child() -> None:
     reaper.lock = threading.Lock()  # the reaper thread is not forked: the next call starts one
     reaper.sweeping = threading.Lock()
+    reaper.working = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -120,6 +120,38 @@ def test_a_stopped_lock_holder_cannot_keep_a_timed_call(name: str, tmp_path: Pat
         release(holder)
 
 
+def test_a_give_up_handed_to_the_reaper_still_runs_when_its_process_exits(name: str, tmp_path: Path) -> None:
+    """A waiter whose time runs out while the table lock is held hands its give-up to the reaper and
+    returns WaitTimeout at once; then its process exits. The give-up still runs, at the exit: the
+    timeout is counted and the record is gone. (The reaper thread dies with the process: without the
+    exit's run, the count is lost and the record stays for another process to reclaim.)"""
+    owner, gate, _ = remote_owner(name, "k", "value", tmp_path)
+    exiting = tmp_path / "exiting"
+    code = (
+        "import atexit, mpflight\n"
+        # registered after mpflight's own handler, so run before it: the lock is let go meanwhile
+        f"atexit.register(lambda: open({str(exiting)!r}, 'w').close())\n"
+        f"g = mpflight.Group({name!r}, timeout=1.0)\n"
+        "try:\n    g.do('k', lambda: 'ran')\nexcept mpflight.WaitTimeout:\n    print('WaitTimeout', flush=True)\n"
+    )
+    with mpflight.Group(name) as group:
+        waiter = child(code)
+        wait_until(lambda: waiting(group, "k") == 1, "the waiter")
+        holder = hold_lock(name, tmp_path, stop=False)  # taken well before the waiter's deadline
+        try:
+            wait_until(exiting.exists, "the waiter to exit")
+        finally:
+            holder.kill()
+            holder.wait()
+        out, _ = waiter.communicate(timeout=DEADLINE)
+        assert (out.split(), waiter.returncode) == (["WaitTimeout"], 0)
+        assert group.stats()["timeouts"] == 1
+        assert waiting(group, "k") == 0
+        gate.open()
+        owner.join(DEADLINE)
+        assert owner.exitcode == 0
+
+
 def test_an_owner_gets_its_value_though_the_lock_is_held_past_its_deadline(name: str, tmp_path: Path) -> None:
     """fn returned while a stopped process holds the lock: the owner's caller gets the value at its
     deadline, and the publication its waiter needs is finished in the background once the lock frees."""
