@@ -369,21 +369,32 @@ class StackedCaller:
 
     def _relay_alone(self, key: str | bytes) -> None:
         """This caller left: relay on in a thread of its own, without the caller's deadline, which then
-        closes the entry (recovery and closing leave the call to it)."""
-        self.relaying = True
-        self.handed = True
-        self.local.hand()
-        if self.remote is not None and hasattr(self.remote, "deadline"):
-            self.remote.deadline = None  # the next tier's own bounds (a lease) end the wait
+        closes the entry (recovery and closing leave the call to it).
+
+        Whichever takes ``claim`` first decides: the thread relays, or (no thread could start, or an
+        interruption came first) the caller's block ends the entry as any other's.
+        """
+        claim = threading.Lock()
 
         def relay() -> None:
+            if not claim.acquire(blocking=False):
+                return
             try:
                 self.relay_to_table(key)
             finally:
                 self.relaying = self.handed = False
                 self.close()
 
-        threading.Thread(target=relay, daemon=True, name=f"mpflight-relay-{self.local.opts.name}").start()
+        try:
+            self.relaying = self.handed = True
+            self.local.hand()
+            if self.remote is not None and hasattr(self.remote, "deadline"):
+                self.remote.deadline = None  # the next tier's own bounds (a lease) end the wait
+            threading.Thread(target=relay, daemon=True, name=f"mpflight-relay-{self.local.opts.name}").start()
+        except BaseException:
+            if claim.acquire(blocking=False):  # the thread never relays: the block's recovery ends it
+                self.relaying = self.handed = self.local.handed = False
+            raise
 
     def relay_to_table(self, key: str | bytes) -> None:
         try:

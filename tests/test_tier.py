@@ -267,6 +267,56 @@ def test_a_relay_whose_caller_detaches_still_serves_its_tables_waiters(name: str
             mpflight.unlink(name + "-b")
 
 
+def test_a_relay_with_no_thread_to_run_in_ends_its_entry(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, but no thread can start for the relay (the process has none left): the caller's block
+    ends the entry as any other, b's waiter gets an outcome, and nothing keeps b's table mapped."""
+    local = LocalTier()
+    started, release = threading.Event(), threading.Event()
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name.startswith("mpflight-relay-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    def fn() -> str:
+        started.set()
+        assert release.wait(DEADLINE)
+        return "fleet-wide"
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    with mpflight.Group(name + "-a", tier=local) as a, mpflight.Group(name + "-b", tier=local) as b:
+        try:
+            owner = a.do_future("k", fn)
+            assert started.wait(DEADLINE)
+            relay = b.do_future("k", fn)
+            wait_until(lambda: local.calls.get("k") is not None and local.calls["k"].waiters == 1, "b relays")
+            behind: list[object] = []
+            thread = threading.Thread(target=lambda: behind.append(_outcome(lambda: b.do_ex("k", fn))))
+            thread.start()
+            wait_until(lambda: waiting(b, "k") == 1, "a waiter behind the relay")
+            assert relay.cancel()
+            thread.join(DEADLINE)
+            assert behind == ["AbortError"], "b's waiter is told at once, not left to the reaper"
+            release.set()
+            assert owner.result(DEADLINE) == Result("fleet-wide", True)
+            wait_until(lambda: b.inflight() == [], "b's call to end")
+            at = b._at
+            assert at is not None
+            wait_until(lambda: not at.active, "b's callers all to leave the table")
+        finally:
+            release.set()
+            mpflight.unlink(name + "-a")
+            mpflight.unlink(name + "-b")
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Exception as e:
+        return type(e).__name__
+
+
 def test_an_exception_crosses_the_tier_with_its_class(name: str) -> None:
     local = LocalTier()
     started, release = threading.Event(), threading.Event()
