@@ -12,8 +12,10 @@ import atexit
 import logging
 import os
 import queue
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -285,6 +287,7 @@ class Reaper:
                     threading.Thread(
                         target=self._run, args=(self.pid,), daemon=True, name="mpflight-reaper"
                     ).start()
+                    _at_exit_of_a_multiprocessing_child(self.at_exit)
 
     def _run(self, pid: int) -> None:
         while os.getpid() == pid:
@@ -364,6 +367,15 @@ class Reaper:
         if orphans or stuck:
             # Bounded: a table whose lock is held (a stopped process) must not hold up the others'.
             reclaim(t, idle_only=True, deadline=time.monotonic() + SWEEP_LOCK_WAIT)
+
+
+def _at_exit_of_a_multiprocessing_child(hook: Callable[[], None]) -> None:
+    """A multiprocessing child started by fork or forkserver ends with os._exit, which runs no atexit
+    hook: its own exit hooks (multiprocessing.util's finalizers, run after the target returns) run
+    ``hook`` there."""
+    mp, util = sys.modules.get("multiprocessing"), sys.modules.get("multiprocessing.util")
+    if mp is not None and util is not None and mp.parent_process() is not None:  # imported by the child
+        util.Finalize(None, hook, exitpriority=0)
 
 
 reaper: Final = Reaper()

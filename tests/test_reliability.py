@@ -120,22 +120,30 @@ def test_a_stopped_lock_holder_cannot_keep_a_timed_call(name: str, tmp_path: Pat
         release(holder)
 
 
-def test_a_give_up_handed_to_the_reaper_still_runs_when_its_process_exits(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("started", ["interpreter", "fork", "forkserver", "spawn"])
+def test_a_give_up_handed_to_the_reaper_still_runs_when_its_process_exits(
+    name: str, tmp_path: Path, started: str
+) -> None:
     """A waiter whose time runs out while the table lock is held hands its give-up to the reaper and
-    returns WaitTimeout at once; then its process exits. The give-up still runs, at the exit: the
-    timeout is counted and the record is gone. (The reaper thread dies with the process: without the
-    exit's run, the count is lost and the record stays for another process to reclaim.)"""
+    returns WaitTimeout at once; then its process exits: an interpreter of its own, or a
+    multiprocessing child (fork's and forkserver's end with os._exit, which runs no atexit hook;
+    spawn's exit as an interpreter does). The give-up still runs, at
+    the exit: the timeout is counted and the record is gone. (The reaper thread dies with the process:
+    without the exit's run, the count is lost and the record stays for another process to reclaim.)"""
     owner, gate, _ = remote_owner(name, "k", "value", tmp_path)
     exiting = tmp_path / "exiting"
-    code = (
-        "import atexit, mpflight\n"
-        # registered after mpflight's own handler, so run before it: the lock is let go meanwhile
-        f"atexit.register(lambda: open({str(exiting)!r}, 'w').close())\n"
-        f"g = mpflight.Group({name!r}, timeout=1.0)\n"
-        "try:\n    g.do('k', lambda: 'ran')\nexcept mpflight.WaitTimeout:\n    print('WaitTimeout', flush=True)\n"
-    )
     with mpflight.Group(name) as group:
-        waiter = child(code)
+        if started == "interpreter":
+            waiter: Any = child(
+                "import atexit, mpflight\n"
+                # registered after mpflight's own handler, so run before it: the lock is let go meanwhile
+                f"atexit.register(lambda: open({str(exiting)!r}, 'w').close())\n"
+                f"g = mpflight.Group({name!r}, timeout=1.0)\n"
+                "try:\n    g.do('k', lambda: 'ran')\nexcept mpflight.WaitTimeout:\n    print('WaitTimeout')\n"
+            )
+        else:
+            waiter = mp_context(started).Process(target=workers.give_up_and_exit, args=(name, str(exiting)))
+            waiter.start()
         wait_until(lambda: waiting(group, "k") == 1, "the waiter")
         holder = hold_lock(name, tmp_path, stop=False)  # taken well before the waiter's deadline
         try:
@@ -143,8 +151,12 @@ def test_a_give_up_handed_to_the_reaper_still_runs_when_its_process_exits(name: 
         finally:
             holder.kill()
             holder.wait()
-        out, _ = waiter.communicate(timeout=DEADLINE)
-        assert (out.split(), waiter.returncode) == (["WaitTimeout"], 0)
+        if started == "interpreter":
+            out, _ = waiter.communicate(timeout=DEADLINE)
+            assert (out.split(), waiter.returncode) == (["WaitTimeout"], 0)
+        else:
+            waiter.join(DEADLINE)
+            assert waiter.exitcode == 0
         assert group.stats()["timeouts"] == 1
         assert waiting(group, "k") == 0
         gate.open()

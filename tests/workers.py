@@ -253,6 +253,21 @@ def retry(
     Path(out).write_text(json.dumps(outcome))
 
 
+def give_up_and_exit(name: str, exiting: str) -> None:
+    """A multiprocessing child whose wait for ``k`` times out while the table's lock is held: it
+    returns on WaitTimeout, and marks its exit (a finalizer run before mpflight's) so the test can let
+    the lock go."""
+    from multiprocessing import util
+
+    arm()
+    util.Finalize(None, lambda: Path(exiting).touch(), exitpriority=10)
+    try:
+        mpflight.Group(name, timeout=1.0).do("k", _never)
+    except mpflight.WaitTimeout:
+        return
+    raise AssertionError("the wait did not time out")
+
+
 def gc(name: str, out: str) -> None:
     arm()
     with mpflight.Group(name) as group:
