@@ -233,43 +233,14 @@ def test_the_owner_of_a_key_in_another_table_runs_fn_for_both(name: str) -> None
     assert ("free", "k", f"local:{os.getpid()}".encode(), "") in local.events, "the free hook fired"
 
 
-def test_a_relay_whose_caller_detaches_still_serves_its_tables_waiters(name: str) -> None:
+@pytest.mark.parametrize("relay_thread", ["starts", "cannot start"])
+def test_a_relay_whose_caller_detaches_still_serves_its_tables_waiters(
+    name: str, monkeypatch: pytest.MonkeyPatch, relay_thread: str
+) -> None:
     """Table b's owner waits in the next tier for table a's call; its own caller cancels its future:
-    b's other waiter still gets the fleet-wide outcome (the relay goes on without its caller)."""
-    local = LocalTier()
-    started, release = threading.Event(), threading.Event()
-
-    def fn() -> str:
-        started.set()
-        assert release.wait(DEADLINE)
-        return "fleet-wide"
-
-    with mpflight.Group(name + "-a", tier=local) as a, mpflight.Group(name + "-b", tier=local) as b:
-        try:
-            owner = a.do_future("k", fn)
-            assert started.wait(DEADLINE)
-            relay = b.do_future("k", fn)
-            wait_until(lambda: local.calls.get("k") is not None and local.calls["k"].waiters == 1, "b relays")
-            behind: list[object] = []
-            thread = threading.Thread(target=lambda: behind.append(b.do_ex("k", fn)))
-            thread.start()
-            wait_until(lambda: waiting(b, "k") == 1, "a waiter behind the relay")
-            assert relay.cancel()
-            wait_until(lambda: local.detached == 1, "the relay's caller to detach")
-            release.set()
-            thread.join(DEADLINE)
-            assert behind == [Result("fleet-wide", True)]
-            assert owner.result(DEADLINE) == Result("fleet-wide", True)
-            wait_until(lambda: b.inflight() == [], "b's call to end")
-        finally:
-            release.set()
-            mpflight.unlink(name + "-a")
-            mpflight.unlink(name + "-b")
-
-
-def test_a_relay_with_no_thread_to_run_in_ends_its_entry(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As above, but no thread can start for the relay (the process has none left): the caller's block
-    ends the entry as any other, b's waiter gets an outcome, and nothing keeps b's table mapped."""
+    b's other waiter still gets the fleet-wide outcome (the relay goes on without its caller). When no
+    thread can start for the relay (the process has none left), the caller's block ends the entry as
+    any other: b's waiter is told at once (AbortError). Either way nothing keeps b's table mapped."""
     local = LocalTier()
     started, release = threading.Event(), threading.Event()
     start = threading.Thread.start
@@ -284,7 +255,8 @@ def test_a_relay_with_no_thread_to_run_in_ends_its_entry(name: str, monkeypatch:
         assert release.wait(DEADLINE)
         return "fleet-wide"
 
-    monkeypatch.setattr(threading.Thread, "start", refusing)
+    if relay_thread == "cannot start":
+        monkeypatch.setattr(threading.Thread, "start", refusing)
     with mpflight.Group(name + "-a", tier=local) as a, mpflight.Group(name + "-b", tier=local) as b:
         try:
             owner = a.do_future("k", fn)
@@ -296,8 +268,11 @@ def test_a_relay_with_no_thread_to_run_in_ends_its_entry(name: str, monkeypatch:
             thread.start()
             wait_until(lambda: waiting(b, "k") == 1, "a waiter behind the relay")
             assert relay.cancel()
+            wait_until(lambda: local.detached == 1, "the relay's caller to detach")
+            if relay_thread == "starts":
+                release.set()
             thread.join(DEADLINE)
-            assert behind == ["AbortError"], "b's waiter is told at once, not left to the reaper"
+            assert behind == [Result("fleet-wide", True) if relay_thread == "starts" else "AbortError"]
             release.set()
             assert owner.result(DEADLINE) == Result("fleet-wide", True)
             wait_until(lambda: b.inflight() == [], "b's call to end")
