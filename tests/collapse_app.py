@@ -54,7 +54,8 @@ def _execution(ident: str) -> int:
         os.write(fd, f"run {ident} {os.getpid()}\n".encode())
     finally:
         os.close(fd)
-    return sum(1 for line in LOG.read_text().splitlines() if line.split()[1] == ident)
+    # Complete lines only: another process's line may be in the middle of its write.
+    return sum(1 for line in LOG.read_text().split("\n")[:-1] if line.split()[1] == ident)
 
 
 def _ready(ident: str, query: dict[str, str]) -> bool:

@@ -21,6 +21,15 @@ DEADLINE = 30.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def lines(path: Path) -> list[str]:
+    """The complete lines of a log that other processes append to while it is read: a line still being
+    written (a write across a page boundary shows in parts) is not one yet. [] when there is no file."""
+    try:
+        return path.read_text().split("\n")[:-1]
+    except FileNotFoundError:
+        return []
+
+
 def wait_until(predicate: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
     end = time.monotonic() + deadline
     while not predicate():

@@ -28,7 +28,7 @@ import mpflight
 import mpflight._collapse
 import mpflight.asgi
 import mpflight.wsgi
-from tests.helpers import DEADLINE, ROOT, stop_server, wait_until
+from tests.helpers import DEADLINE, ROOT, lines, stop_server, wait_until
 
 REQUEST_DEADLINE = 60.0
 
@@ -101,11 +101,10 @@ class Served:
             return list(pool.map(one, requests))
 
     def runs(self, ident: str) -> int:
-        lines = self.log.read_text().splitlines() if self.log.exists() else []
-        return sum(1 for line in lines if line.split()[:2] == ["run", ident])
+        return sum(1 for line in lines(self.log) if line.split()[:2] == ["run", ident])
 
     def events(self) -> list[str]:
-        return self.log.read_text().splitlines() if self.log.exists() else []
+        return lines(self.log)
 
     def stop(self) -> None:
         stop_server(self.proc)

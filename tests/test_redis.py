@@ -33,7 +33,7 @@ from redis.cluster import ClusterNode, RedisCluster
 import mpflight
 from mpflight._protocol import JOIN, OWN, Options
 from mpflight._redis import RedisTier
-from tests.helpers import DEADLINE, ROOT, wait_until
+from tests.helpers import DEADLINE, ROOT, lines, wait_until
 from tests.redis_server import RedisClusterServers, RedisServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -155,11 +155,11 @@ class Hosts:
         return proc
 
     def runs(self) -> list[list[str]]:
-        return [line.split() for line in (self.dir / "runs").read_text().splitlines()]
+        return [line.split() for line in lines(self.dir / "runs")]
 
     def outs(self, n: int) -> list[dict[str, Any]]:
-        wait_until(lambda: len((self.dir / "out").read_text().splitlines()) >= n, f"{n} outcomes", 60)
-        return [json.loads(line) for line in (self.dir / "out").read_text().splitlines()]
+        wait_until(lambda: len(lines(self.dir / "out")) >= n, f"{n} outcomes", 60)
+        return [json.loads(line) for line in lines(self.dir / "out")]
 
     def open(self, host: str = "") -> None:
         (self.dir / ("gate" if not host else f"gate-{host}")).touch()
@@ -884,7 +884,7 @@ def test_chaos_kills_on_three_hosts_and_a_redis_restart_give_no_wrong_value(
         procs[proc.pid] = (host, proc)
 
     def calls() -> int:
-        return len((tmp_path / "out").read_text().splitlines())
+        return len(lines(tmp_path / "out"))
 
     def more_calls(n: int, what: str) -> None:
         before = calls()

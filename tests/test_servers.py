@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import mpflight
-from tests.helpers import DEADLINE, ROOT, stop_server, wait_until, waiting
+from tests.helpers import DEADLINE, ROOT, lines, stop_server, wait_until, waiting
 
 EXAMPLES = ROOT / "examples"
 # A request that takes longer than this has hung: the test fails instead of waiting forever.
@@ -94,7 +94,7 @@ class Server:
         """Per key: (start, end or None, pid) of each execution of fn, from the log."""
         runs: dict[str, list[tuple[float, float | None, int]]] = defaultdict(list)
         open_runs: dict[tuple[str, int], float] = {}
-        for line in self.log.read_text().splitlines() if self.log.exists() else []:
+        for line in lines(self.log):
             event, key, pid, at = line.split()
             if event == "start":
                 open_runs[key, int(pid)] = float(at)
