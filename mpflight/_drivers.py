@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import get_ident
 from typing import Any, TypeVar, cast
 
+from ._errors import start_thread
 from ._protocol import ALONE, JOIN, OWN, Detached, Result, RunHere, key_identity
 from ._tier import Entry, Tier
 
@@ -176,10 +177,10 @@ def start_wait(
     the call after all (RunHere), that thread runs fn as the owner (``run``)."""
     handed = _Handed(tier)
     try:
-        threading.Thread(
+        start_thread(threading.Thread(
             target=handed.run, args=(_wait_into, c, future, key, run), daemon=True,
             name=f"mpflight-wait-{tier.name}",
-        ).start()  # fmt: skip
+        ))  # fmt: skip
     except BaseException:
         handed.drop()  # not started, or not yet running: it never waits (the block ends the entry)
         raise
@@ -300,7 +301,7 @@ def _leave_entered(c: Entry, entering: asyncio.Future[int | None]) -> None:
         finally:
             c.close()
 
-    threading.Thread(target=leave, daemon=True, name="mpflight-leave").start()
+    start_thread(threading.Thread(target=leave, daemon=True, name="mpflight-leave"))
 
 
 async def _finish(tier: Tier, c: Entry, value: object, error: BaseException | None) -> bool:

@@ -7,6 +7,7 @@ Each error keeps the data it was raised with, builds its message from that data,
 from __future__ import annotations
 
 import reprlib
+import threading
 
 _short = reprlib.Repr()
 _short.maxstring = 80
@@ -16,6 +17,25 @@ _short.maxother = 80
 def short_key(key: str | bytes) -> str:
     """Return a printable form of ``key``, shortened if long."""
     return _short.repr(key)
+
+
+def start_thread(thread: threading.Thread) -> None:
+    """``thread.start()``, with an interruption during it raised as itself.
+
+    Thread.start waits for the new thread to run on an Event; an exception that a signal handler
+    raises in that wait, after its Condition's lock is released and before the with block ends,
+    surfaces as CPython's follow-on RuntimeError("release unlocked lock"), the interruption only its
+    context. The caller gets the interruption (the app's KeyboardInterrupt, a SIGALRM's timeout). The
+    thread may run by then, as after any interruption at a start: each caller hands its thread the
+    work so that one of the two ends it.
+    """
+    try:
+        thread.start()
+    except RuntimeError as e:
+        interruption = e.__context__
+        if interruption is None or str(e) != "release unlocked lock":
+            raise
+        raise interruption from None
 
 
 class MPFlightError(Exception):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from . import _faults, _owner
+from ._errors import start_thread
 from ._layout import (
     COUNTER_NAMES,
     HEADER,
@@ -284,9 +285,9 @@ class Reaper:
             with self.lock:
                 if self.pid != os.getpid():
                     self.pid = os.getpid()
-                    threading.Thread(
-                        target=self._run, args=(self.pid,), daemon=True, name="mpflight-reaper"
-                    ).start()
+                    thread = threading.Thread(target=self._run, args=(self.pid,), daemon=True)
+                    thread.name = "mpflight-reaper"
+                    start_thread(thread)
                     _at_exit_of_a_multiprocessing_child(self.at_exit)
 
     def _run(self, pid: int) -> None:

@@ -41,6 +41,7 @@ from ._errors import (
     NoSuchTable,
     NotInitialised,
     SegmentFull,
+    start_thread,
 )
 from ._layout import HEADER_SIZE, LAYOUT_VERSION
 
@@ -425,9 +426,9 @@ class TableLock:
             raise LockTimeout("gave up waiting for the table lock")
         request = _Request(self._open())
         try:
-            threading.Thread(
-                target=_take_for, args=(request, hold), daemon=True, name="mpflight-lock"
-            ).start()
+            start_thread(
+                threading.Thread(target=_take_for, args=(request, hold), daemon=True, name="mpflight-lock")
+            )
             request.granted.acquire(True, max(deadline - time.monotonic(), 0.0))
         finally:
             with request.mutex:

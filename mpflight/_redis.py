@@ -45,7 +45,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from . import _codec, _faults, _protocol
-from ._errors import AbortError, CorruptPayload, MPFlightError, TierUnavailable, WaitTimeout
+from ._errors import AbortError, CorruptPayload, MPFlightError, TierUnavailable, WaitTimeout, start_thread
 from ._layout import TIER_CAP
 from ._protocol import ALONE, JOIN, MAX_RESULT_BYTES, OWN, Detached, Options, Result, RunHere, key_identity
 from ._registry import seconds
@@ -423,7 +423,7 @@ class RedisTier:
                     target=_renew_loop, args=(weakref.ref(self),), daemon=True,
                     name=f"mpflight-renew-{self.name}",
                 )  # fmt: skip
-                self._renewer.start()
+                start_thread(self._renewer)
 
     def let_go(self, entry: RedisEntry, ended: bool = False) -> None:
         """Stop renewing the entry's lease; ``ended``: its end is published (or is being)."""
@@ -549,7 +549,7 @@ class _Reader:
                 self.thread = threading.Thread(
                     target=self._loop, daemon=True, name=f"mpflight-read-{self.tier.name}"
                 )
-                self.thread.start()
+                start_thread(self.thread)
             # One poke ends a read: those who register while one is under way are in the next read.
             poke = not started and stream not in self.reading and not self.poked
             self.poked = self.poked or poke
@@ -915,7 +915,7 @@ class RedisEntry:
         if wait:
             publish()
         else:
-            threading.Thread(target=publish, daemon=True, name="mpflight-abort").start()
+            start_thread(threading.Thread(target=publish, daemon=True, name="mpflight-abort"))
 
     def hand(self) -> None:
         pass

@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from . import _protocol
-from ._errors import AbortError, WaitTimeout
+from ._errors import AbortError, WaitTimeout, start_thread
 from ._protocol import ALONE, JOIN, OWN, Call, Options, Result, RunHere
 from ._registry import Attachment, Inside, registry
 
@@ -390,7 +390,8 @@ class StackedCaller:
             self.local.hand()
             if self.remote is not None and hasattr(self.remote, "deadline"):
                 self.remote.deadline = None  # the next tier's own bounds (a lease) end the wait
-            threading.Thread(target=relay, daemon=True, name=f"mpflight-relay-{self.local.opts.name}").start()
+            name = f"mpflight-relay-{self.local.opts.name}"
+            start_thread(threading.Thread(target=relay, daemon=True, name=name))
         except BaseException:
             if claim.acquire(blocking=False):  # the thread never relays: the block's recovery ends it
                 self.relaying = self.handed = self.local.handed = False

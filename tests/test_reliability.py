@@ -25,6 +25,7 @@ import pytest
 
 import mpflight
 from mpflight import _layout
+from mpflight._errors import start_thread
 from mpflight._locks import object_name
 from tests import workers
 from tests.conftest import shm_entries
@@ -118,6 +119,56 @@ def test_a_stopped_lock_holder_cannot_keep_a_timed_call(name: str, tmp_path: Pat
         assert attach.communicate(timeout=DEADLINE)[0] == "timeout\n"  # attaching is bounded too
     finally:
         release(holder)
+
+
+def _interrupted_start(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    """Thread.start of mpflight's threads named ``prefix...`` ends as CPython ends it when a signal
+    handler raises while start waits for the thread to run: the thread runs, and start raises
+    RuntimeError("release unlocked lock") with the KeyboardInterrupt as its context."""
+    start = threading.Thread.start
+
+    def interrupted(thread: threading.Thread) -> None:
+        start(thread)
+        if thread.name.startswith(prefix):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:  # the follow-on is raised while it is handled: it is the context
+                raise RuntimeError("release unlocked lock") from None
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+
+
+def test_an_interruption_as_the_lock_helper_starts_reaches_the_caller_as_itself(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timed call that finds the table lock held starts a helper thread to wait in flock; a signal
+    handler's KeyboardInterrupt during that start reaches the caller as the KeyboardInterrupt (not
+    as CPython's RuntimeError about the Event's lock), and the helper, which runs, gives the lock back
+    once it gets it: the next call goes through."""
+    with mpflight.Group(name, timeout=DEADLINE) as group:
+        holder = hold_lock(name, tmp_path, stop=False)
+        try:
+            _interrupted_start(monkeypatch, "mpflight-lock")
+            with pytest.raises(KeyboardInterrupt):
+                group.do("k", lambda: pytest.fail("fn ran though the lock was never taken"))
+            monkeypatch.undo()
+        finally:
+            release(holder)
+        assert group.do("k", lambda: "after") == "after"
+        assert group.inflight() == []
+
+
+def test_start_thread_leaves_other_errors_as_they_are() -> None:
+    """No thread to start (RuntimeError "can't start new thread") is raised as it is, whatever it
+    was raised while handling."""
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    thread.join()
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(RuntimeError, match="threads can only be started once"):
+            start_thread(thread)
 
 
 @pytest.mark.parametrize("started", ["interpreter", "fork", "forkserver", "spawn"])
