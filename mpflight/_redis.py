@@ -546,10 +546,18 @@ class _Reader:
             self.waits.setdefault(stream, []).append(w)
             started = self.thread is None
             if started:
-                self.thread = threading.Thread(
+                thread = self.thread = threading.Thread(
                     target=self._loop, daemon=True, name=f"mpflight-read-{self.tier.name}"
                 )
-                start_thread(self.thread)
+                try:
+                    start_thread(thread)
+                except BaseException:  # no thread (none can start now), or an interruption as it started
+                    self.waits[stream].remove(w)  # this caller does not wait
+                    if not self.waits[stream]:
+                        del self.waits[stream]
+                    if not thread.is_alive():
+                        self.thread = None  # the next registration starts a reader (two, at worst, run)
+                    raise
             # One poke ends a read: those who register while one is under way are in the next read.
             poke = not started and stream not in self.reading and not self.poked
             self.poked = self.poked or poke

@@ -475,6 +475,51 @@ def test_waiters_of_every_kind_on_another_host_share_the_outcome(server: RedisSe
         _flush(server, name)
 
 
+def test_a_reader_that_could_not_start_is_started_by_the_next_wait(
+    server: RedisServer, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host b's first wait in Redis has no thread to read the outcome streams in (none could start):
+    that caller gets the error, and the next wait starts the reader and gets the outcome, instead of
+    waiting for a reader that never runs."""
+    runs: list[str] = []
+    release = threading.Event()
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name.startswith("mpflight-read-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    def fn() -> str:
+        runs.append("a")
+        assert release.wait(DEADLINE)
+        return "from a"
+
+    with _in_process_hosts(server, name, "ab") as g:
+        try:
+            owner = threading.Thread(target=lambda: g["a"].do("k", fn))
+            owner.start()
+            wait_until(lambda: runs == ["a"], "the owner's fn")
+            monkeypatch.setattr(threading.Thread, "start", refusing)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                g["b"].do("k", lambda: "b ran")
+            monkeypatch.undo()
+            got: list[object] = []
+            waiter = threading.Thread(target=lambda: got.append(g["b"].do_ex("k", lambda: "b ran")))
+            waiter.start()
+            wait_until(  # it registers its wait, then starts the reader
+                lambda: any(t.name.startswith(f"mpflight-read-{name}") for t in threading.enumerate()),
+                "a reader",
+            )
+            release.set()
+            owner.join(DEADLINE)
+            waiter.join(DEADLINE)
+            assert got == [mpflight.Result("from a", True)]
+            assert runs == ["a"]
+        finally:
+            release.set()
+
+
 def test_forget_lets_the_next_caller_on_any_host_start_anew(server: RedisServer, name: str) -> None:
     with _in_process_hosts(server, name, "abc") as g:
         held = _Held(server, name, g["a"], lambda: "old", g["c"], lambda: "c ran")
@@ -1094,7 +1139,10 @@ def test_a_relay_whose_caller_leaves_still_serves_its_hosts_other_waiters(
                     target=lambda: _catch(got, "relay", lambda: loop.run_until_complete(task))
                 )
                 relay.start()
-            wait_until(lambda: _remote_waiters(server, name) == 1, "host b in Redis")
+            wait_until(  # it registers its wait, then starts the reader
+                lambda: any(t.name.startswith(f"mpflight-read-{name}") for t in threading.enumerate()),
+                "a reader",
+            )
             other = threading.Thread(target=lambda: got.update(other=g["b"].do("k", lambda: "ran")))
             other.start()
             wait_until(lambda: sum(c.waiters for c in g["b"].inflight()) == 1, "b's other waiter")
