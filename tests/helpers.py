@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,19 @@ def lines(path: Path) -> list[str]:
         return path.read_text().split("\n")[:-1]
     except FileNotFoundError:
         return []
+
+
+def refuse_thread_start(monkeypatch: Any, prefix: str) -> None:
+    """From now on (until ``monkeypatch`` undoes it), threads named ``prefix...`` cannot start, as in
+    a process that has no thread left: their start raises RuntimeError("can't start new thread")."""
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name.startswith(prefix):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
@@ -93,8 +107,6 @@ def remote_owner(
 
 def join_in_thread(group: mpflight.Group, key: str | bytes) -> tuple[Any, list[Any]]:
     """Call do_ex(key) in a thread (it should join a running call); returns (thread, [outcome])."""
-    import threading
-
     box: list[Any] = []
 
     def run() -> None:

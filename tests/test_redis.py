@@ -33,7 +33,7 @@ from redis.cluster import ClusterNode, RedisCluster
 import mpflight
 from mpflight._protocol import JOIN, OWN, Options
 from mpflight._redis import RedisTier
-from tests.helpers import DEADLINE, ROOT, lines, wait_until
+from tests.helpers import DEADLINE, ROOT, lines, refuse_thread_start, wait_until
 from tests.redis_server import RedisClusterServers, RedisServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -483,12 +483,6 @@ def test_a_reader_that_could_not_start_is_started_by_the_next_wait(
     waiting for a reader that never runs."""
     runs: list[str] = []
     release = threading.Event()
-    start = threading.Thread.start
-
-    def refusing(thread: threading.Thread) -> None:
-        if thread.name.startswith("mpflight-read-"):
-            raise RuntimeError("can't start new thread")
-        start(thread)
 
     def fn() -> str:
         runs.append("a")
@@ -500,7 +494,7 @@ def test_a_reader_that_could_not_start_is_started_by_the_next_wait(
             owner = threading.Thread(target=lambda: g["a"].do("k", fn))
             owner.start()
             wait_until(lambda: runs == ["a"], "the owner's fn")
-            monkeypatch.setattr(threading.Thread, "start", refusing)
+            refuse_thread_start(monkeypatch, "mpflight-read-")
             with pytest.raises(RuntimeError, match="can't start new thread"):
                 g["b"].do("k", lambda: "b ran")
             monkeypatch.undo()

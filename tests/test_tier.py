@@ -19,7 +19,7 @@ import pytest
 
 import mpflight
 from mpflight._protocol import JOIN, OWN, Detached, Result
-from tests.helpers import DEADLINE, ROOT, wait_until, waiting
+from tests.helpers import DEADLINE, ROOT, refuse_thread_start, wait_until, waiting
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -243,12 +243,6 @@ def test_a_relay_whose_caller_detaches_still_serves_its_tables_waiters(
     any other: b's waiter is told at once (AbortError). Either way nothing keeps b's table mapped."""
     local = LocalTier()
     started, release = threading.Event(), threading.Event()
-    start = threading.Thread.start
-
-    def refusing(thread: threading.Thread) -> None:
-        if thread.name.startswith("mpflight-relay-"):
-            raise RuntimeError("can't start new thread")
-        start(thread)
 
     def fn() -> str:
         started.set()
@@ -256,7 +250,7 @@ def test_a_relay_whose_caller_detaches_still_serves_its_tables_waiters(
         return "fleet-wide"
 
     if relay_thread == "cannot start":
-        monkeypatch.setattr(threading.Thread, "start", refusing)
+        refuse_thread_start(monkeypatch, "mpflight-relay-")
     with mpflight.Group(name + "-a", tier=local) as a, mpflight.Group(name + "-b", tier=local) as b:
         try:
             owner = a.do_future("k", fn)
