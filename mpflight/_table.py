@@ -287,7 +287,7 @@ class Table:
                 except BlockingIOError:
                     self.lock.acquire(hold, deadline)  # contended
             else:
-                self.lock.acquire(hold, deadline)
+                self.lock.acquire(hold, deadline)  # contended before: a timed wait's description
             if _FAULT:
                 _faults.reached("locked")
             mm = self.mm
