@@ -39,6 +39,7 @@ import itertools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
@@ -138,6 +139,9 @@ class Injector:
         self.fired_in: str | None = None  # the name of the thread it was raised in
         self.fired_at: float | None = None  # when (monotonic)
         self._paused: set[int] = set()  # the threads whose points are paused
+        # Called once, in the traced thread, the first time a function of this name is entered (before
+        # any point of that entry is raised at): a test's way to act at a moment of the call path.
+        self.on_entry: dict[str, Callable[[], object]] = {}
         self.armed = False
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, CodeType, int], int] = {}
@@ -212,6 +216,11 @@ class Injector:
         if not self.armed or not _ours(frame.f_code) or _internal_thread() or _loop_callback(frame):
             return None
         frame.f_trace_opcodes = True
+        if event == "call" and self.on_entry:
+            with self._lock:
+                action = self.on_entry.pop(frame.f_code.co_qualname, None)
+            if action is not None:
+                action()
         if event == "call" and self._active():
             code, lasti = frame.f_code.co_code, frame.f_lasti
             if code[lasti] == _RESUME and code[lasti + 1] < 2:  # function entry, or resumed after yield

@@ -48,6 +48,9 @@ HANG_DEADLINE = 3.0
 # at the end of the test
 # (a wait on state; its length decides only when a slow run is judged, never whether it passes).
 QUICK = 0.1
+# A waiter's slice of waiting, as long as the deadline: a wait ends in its first slice, never by the
+# slice's end, so that no run passes the points of a second one while another does not.
+SLICE = HANG_DEADLINE
 
 
 class Injected(BaseException):
@@ -305,7 +308,7 @@ class Scenario:
         name = f"{self.base}-{self.tables}"
         self.names.append(name)
         _MADE.append(name)
-        self.group = mpflight.Group(name, timeout=HANG_DEADLINE)
+        self.group = mpflight.Group(name, timeout=HANG_DEADLINE, check_interval=SLICE)
         self.groups.append(self.group)
 
     def fail(self, run: Run, check: str) -> None:
@@ -496,9 +499,9 @@ async def _never_async() -> str:
     raise AssertionError("a waiter ran fn")
 
 
-def _remote_owner(s: Scenario, run: Run) -> None:
-    """Have the peer own the key, its fn held until we are registered (or released)."""
-    s.peer.send("own", s.group.name, run.key)
+def _remote_owner(s: Scenario, run: Run, held: bool = False) -> None:
+    """Have the peer own the key, its fn held until we are registered (or, ``held``, released)."""
+    s.peer.send("own", s.group.name, run.key, held)
     assert s.peer.reply("owning", run.key, HANG_DEADLINE) is not None, "the other process never ran fn"
     run.expect = "owned"
 
@@ -535,7 +538,11 @@ def path_owner_remote_waiter(s: Scenario, run: Run) -> None:
 
 
 def path_waiter_remote_owner(s: Scenario, run: Run) -> None:
-    _remote_owner(s, run)
+    # The owner returns once the caller begins its wait on the semaphore: every run passes the same
+    # points (an owner returning as soon as the caller joined could publish before the caller's first
+    # look, a loaded machine's usual order, and the caller would never wait).
+    _remote_owner(s, run, held=True)
+    run.inj.on_entry["Semaphores.wait"] = lambda: s.peer.send("release", run.key)
     try:
         _sync(s, run, lambda: s.group.do_ex(run.key, _never))
     finally:
@@ -543,7 +550,9 @@ def path_waiter_remote_owner(s: Scenario, run: Run) -> None:
 
 
 def _future(s: Scenario, run: Run, fn: Callable[[], str]) -> None:
-    handle = mpflight.Group(s.group.name, timeout=HANG_DEADLINE)  # a fresh pool: its threads are traced
+    handle = mpflight.Group(
+        s.group.name, timeout=HANG_DEADLINE, check_interval=SLICE
+    )  # a fresh pool: its threads are traced
 
     before = set(threading.enumerate())  # wait threads of earlier runs, stuck on their tables, stay out
 

@@ -437,9 +437,9 @@ def interrupt_peer(conn: object, timeout: float) -> None:
     """Join or own keys on command from the test, in a thread each, and send back every outcome.
 
     Commands (tuples on the pipe): ("join", name, key) joins the call for key and replies
-    ("joined", key, kind, detail); ("own", name, key) runs fn for key, replying ("owning", key) once fn
-    runs, fn returning once a waiter is registered or ("release", key) came, then ("owned", key, kind,
-    value, shared); ("quiesce",) waits for every command begun so far to end, closes the groups and
+    ("joined", key, kind, detail); ("own", name, key[, held]) runs fn for key, replying ("owning", key)
+    once fn runs, fn returning once a waiter is registered (unless ``held``) or ("release", key) came,
+    then ("owned", key, kind, value, shared); ("quiesce",) waits for every command begun so far to end, closes the groups and
     replies ("quiet", "-"); ("stop",) ends the process. ``timeout`` is the Group timeout: a waiter that
     would hang reports TimeoutError instead.
     """
@@ -472,14 +472,14 @@ def interrupt_peer(conn: object, timeout: float) -> None:
         except Exception as e:
             reply("joined", key, type(e).__name__, str(e))
 
-    def own(name: str, key: str) -> None:
+    def own(name: str, key: str, held: bool = False) -> None:
         release = releases.setdefault(key, threading.Event())
         g = group(name)
 
         def fn() -> str:
             reply("owning", key)
             deadline = time.monotonic() + CHILD_DEADLINE
-            while not release.is_set() and waiting(g, key) < 1:
+            while not release.is_set() and (held or waiting(g, key) < 1):
                 if time.monotonic() > deadline:
                     raise RuntimeError("nobody joined and no release came")
                 release.wait(0.001)
