@@ -89,8 +89,7 @@ def call(
     for every call (about 2% of an uncontended call, measured by scripts/count_instructions.py).
     """
     c = tier.caller(deadline)
-    try:
-        c.__enter__()  # inside: an exception at its return still leaves the attachment
+    try:  # the entry's block, its __enter__ (which returns it) left out
         role = c.enter(key, get_ident(), True)
         if role == OWN:
             return c.own(fn, args, kwargs)
@@ -220,11 +219,11 @@ async def call_async(
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     tid = id(task) if task is not None else threading.get_ident()
-    c = tier.caller(deadline)
-    c.__enter__()  # not a with block: its end would wait for the lock on the loop; closed below
     owning: Coroutine[Any, Any, Result[Any]] | None = None  # the owner's runner, once made
     handed = False  # to the runner or a wait thread, which closes it
+    c = tier.caller(deadline)
     try:
+        c.__enter__()  # not a with block: its end would wait for the lock on the loop; closed below
         if tier.io:
             role = await _entered(loop, tier, c, key, tid)
             if role < 0:  # cancelled while entering: the entering thread ends what it entered

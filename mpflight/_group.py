@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from time import monotonic
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 from . import _codec, _drivers, _faults, _housekeeping, _owner, _protocol
@@ -202,8 +203,8 @@ class Group:
         at = self._at
         if at is not None:
             with contextlib.suppress(LockTimeout):  # a stalled lock holder costs a count, not a caller
-                at.table.locked(at.table.bump_tier, TIER_COUNTER_NAMES.index(counter),
-                                deadline=time.monotonic() + COUNT_WAIT)  # fmt: skip
+                at.table.locked(at.table.bump_tier, (TIER_COUNTER_NAMES.index(counter),),
+                                time.monotonic() + COUNT_WAIT)  # fmt: skip
 
     def _use(self, at: Attachment) -> None:
         self._at, self.mode = at, at.table.mode  # the table's mode: what every process makes objects with
@@ -254,7 +255,7 @@ class Group:
         value, or the exception fn raised. Waits are bounded by the handle's ``timeout``
         (TimeoutError); a dead owner is reported as AbortError.
         """
-        at, timeout, now = self._at, self.timeout, time.monotonic()
+        at, timeout, now = self._at, self.timeout, monotonic()
         if at is None or at.table.replaced or now - at.checked > HOUSEKEEPING_INTERVAL or not callable(fn):
             self._tier_for(fn)  # raises for a closed handle; housekeeping
         deadline = None if timeout is None else now + timeout

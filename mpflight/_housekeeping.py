@@ -194,7 +194,7 @@ def reclaim(t: Table, *, idle_only: bool = False, deadline: float | None = None)
     an exception took them out of a call, and orphaned segments. ``idle_only`` leaves alone a dead
     owner's call that a live waiter still waits on: that waiter reports the abort itself. Raises
     LockTimeout if the table lock is not free by ``deadline`` (monotonic)."""
-    owners, waiters = t.locked(_survey, t, deadline=deadline)
+    owners, waiters = t.locked(_survey, (t,), deadline)
     me = _owner.identity()
     alive: dict[tuple[int, int], bool] = {me: True}
 
@@ -210,7 +210,7 @@ def reclaim(t: Table, *, idle_only: bool = False, deadline: float | None = None)
         dead_calls = [call for call in dead_calls if call[:2] not in watched]
     if "dead-waiters" in _faults.DISABLED:
         dead_waiters = []
-    reclaimed = t.locked(_reclaimed, t, dead_calls, dead_waiters, deadline=deadline)
+    reclaimed = t.locked(_reclaimed, (t, dead_calls, dead_waiters), deadline)
     if any(reclaimed.values()):
         log.warning("mpflight table %r: reclaimed %s", t.group, dict(reclaimed))
     return reclaimed

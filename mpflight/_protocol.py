@@ -238,7 +238,7 @@ def _held_claim(t: Table, index: int, gen: int) -> bool:
 def _locked_later(t: Table, body: Callable[..., object], *args: object) -> Callable[[float | None], object]:
     """Work for the reaper (``Table.defer``): ``body(*args)`` under the lock, by the deadline the reaper
     gives (LockTimeout: it tries again at its next round)."""
-    return lambda deadline: t.locked(body, *args, deadline=deadline)
+    return lambda deadline: t.locked(body, args, deadline)
 
 
 def _table_lock_timeout(opts: Options) -> WaitTimeout:
@@ -323,8 +323,8 @@ class Call:
     gen: int
     record: int
     pending: bool  # a transition of this call was handed to the reaper: it ends the call, not recover
-    seen: int  # a waiter's: the call's takeovers when it joined (a later one may end its wait)
-    hit: bool  # a waiter's: it reads a lingering outcome (a linger hit), not one it waited for
+    seen: int  # a waiter's, set as it joins: the call's takeovers then (a later one may end its wait)
+    hit: bool  # a waiter's, set as it joins: it reads a lingering outcome (a linger hit), not a wait's
 
     @classmethod
     def of(cls, t: Table, index: int, gen: int, record: int = -1) -> Call:
@@ -353,15 +353,15 @@ class Call:
         never end.
         """
         t = self.t
-        if type(key) is str and len(key) <= _SHORT_KEY:  # the common key: short text, no digest
+        if key.__class__ is str and len(key) <= _SHORT_KEY:  # the common key: short text, no digest
             kind, raw = KEY_STR, key.encode("utf-8", "surrogatepass")
             stored = raw
         else:
             kind, raw, stored = key_identity(key)
         try:
             entered = t.locked(
-                _entering, self, key, kind, raw, stored, zlib.crc32(stored, kind) % t.slots, tid, blocking,
-                deadline=self.deadline,
+                _entering, (self, key, kind, raw, stored, zlib.crc32(stored, kind) % t.slots, tid, blocking),
+                self.deadline,
             )  # fmt: skip
         except LockTimeout:
             raise _table_lock_timeout(self.opts) from None
@@ -395,7 +395,7 @@ class Call:
         t = self.t
         deadline = self.deadline if later is None else later
         try:
-            remote = t.locked(self._finishing, value, error, deadline=deadline)
+            remote = t.locked(_finishing, (self, value, error), deadline)
         except LockTimeout:
             self.pending = True
             t.defer(functools.partial(Call.finish, self, value, error))
@@ -423,42 +423,6 @@ class Call:
         # Whether anybody joined the call (a lingering outcome is published with nobody waiting yet):
         # the count only grows until DONE, and a linger hit does not count.
         return bool(t.u32s[self.index * U32S + I_JOINS])
-
-    def _finishing(self, value: object, error: BaseException | None) -> int | None:
-        """Under the lock: end the run. None when nobody joined (the slot is FREE again) or the call is
-        no longer ours; else it is COMPLETING, and this is how many waiters are in other processes
-        (threads of ours take the owner's very objects)."""
-        t, index, gen = self.t, self.index, self.gen
-        if t.u64s[index * U64S] != gen or t.states[index] != RUNNING:
-            # Aborted under us (we were taken for dead): nobody waits for us.
-            t.owners.pop((index, gen), None)
-            return None
-        opts = self.opts
-        if error is not None:
-            if not isinstance(error, Exception):  # fn left by KeyboardInterrupt, SystemExit: an abort
-                if self._takers():
-                    self._vacate(f"the owner left fn with {type(error).__name__}")
-                    return None
-                t.bump(C_ABORTS)
-            else:
-                t.bump(C_ERRORS)
-        # Lingers: the outcome stays for callers that come after it (unless the call was forgotten).
-        lingers = (
-            opts.linger > 0
-            and t.u32s[index * U32S + I_FLAGS] & JOINABLE
-            and (error is None or (opts.linger_errors and isinstance(error, Exception)))
-        )
-        if not lingers:
-            if not t.u32s[index * U32S + I_JOINS]:
-                self._free()
-                return None
-            self._unjoin()
-        t.states[index] = COMPLETING
-        local = t.local.get((index, gen))
-        if local is not None:
-            local.value, local.error, local.filled = value, error, True
-        remote = self._waiters() - self._local_waiters()
-        return max(remote, 1) if lingers else remote  # a lingering outcome is written for later callers
 
     def _local_waiters(self) -> int:
         """Under the lock: the registered waiters of this call that are threads of this process,
@@ -510,7 +474,7 @@ class Call:
         place of the outcome, which never lingers."""
         t = self.t
         try:
-            waiters = t.locked(self._publishing, where, length, outcome, deadline=deadline)
+            waiters = t.locked(self._publishing, (where, length, outcome), deadline)
         except LockTimeout:
             self.pending = True
             t.defer(functools.partial(self.publish, where, length, outcome=outcome))
@@ -522,7 +486,7 @@ class Call:
     def _publishing(self, where: int, length: int, outcome: bool = True) -> int:
         """Under the lock: the payload is in place; DONE. Returns how many waiters to wake.
 
-        A call still joinable here lingers (its owner kept it so in _finishing): its outcome stays,
+        A call still joinable here lingers (its owner kept it so in finish): its outcome stays,
         for ``linger`` seconds from now, for the callers that come after it. The claim stays
         registered until its waiters are woken (publish): an exception before DONE leaves it to
         recover, which aborts it; one after, which wakes them."""
@@ -568,7 +532,7 @@ class Call:
     def _bounded(self, body: Callable[..., object], *args: object) -> None:
         """Run ``body`` under the lock by the deadline, else in the reaper soon (a hint that may wait)."""
         try:
-            self.t.locked(body, *args, deadline=self.deadline)
+            self.t.locked(body, args, self.deadline)
         except LockTimeout:
             self.t.defer(_locked_later(self.t, body, *args))
 
@@ -628,7 +592,7 @@ class Call:
                 # The owner is gone and the call vacant (maybe since before this waiter joined), or one
                 # of its waiters took it over.
                 try:
-                    watch = t.locked(self._looking, key, began, deadline=deadline)
+                    watch = t.locked(self._looking, (key, began), deadline)
                 except LockTimeout:
                     watch = owner  # looked at again on the next slice
                 if watch is None:
@@ -639,13 +603,13 @@ class Call:
                 check_at = now + interval
                 if "owner-check" not in _faults.DISABLED and not _owner.is_alive(*owner):
                     with contextlib.suppress(LockTimeout):
-                        t.locked(self._aborting, "owner died", owner, deadline=deadline)
+                        t.locked(self._aborting, ("owner died", owner), deadline)
                     continue
                 if "table-identity" not in _faults.DISABLED and t.file.replaced():
                     t.replaced = True  # the next call of this process moves to the new table
             if deadline is not None and now >= deadline:
                 try:
-                    done = t.locked(self._giving_up, began, deadline=now)
+                    done = t.locked(self._giving_up, (began,), now)
                 except LockTimeout:  # the reaper leaves for us: never wait past the deadline
                     t.defer(_locked_later(t, self._giving_up, began))
                     done = False
@@ -777,7 +741,7 @@ class Call:
         finally:
             served = served and not self.hit
             try:
-                t.locked(self._leaving, began, served, deadline=deadline)
+                t.locked(self._leaving, (began, served), deadline)
             except LockTimeout:  # the outcome is ours already: leave in the background
                 t.defer(_locked_later(t, self._leaving, began, served))
 
@@ -909,32 +873,24 @@ class Call:
         """Under the lock: a vacant call that no waiter may take over any more ends with its abort."""
         self._publish_abort(RUNNING)
 
-    def _free(self) -> str | None:
-        """Under the lock: make the slot FREE. Returns its segment's name to unlink, if it has one."""
+    def _free(self) -> None:
+        """Under the lock: make the slot FREE (its segment, if it has one, is the caller's to unlink).
+        A run that nobody joined is freed by _finishing, which writes this out."""
         t, index = self.t, self.index
-        off = t.geo.slot_base + index * SLOT_SIZE
-        # _unjoin, inline (most calls end here): one joinable call fewer has this home.
-        u32s, base = t.u32s, index * U32S
-        flags = u32s[base + I_FLAGS]
-        if flags & JOINABLE:
-            u32s[base + I_FLAGS] = flags & ~JOINABLE
-            home, homes = u32s[base + I_HOME], t.homes
-            if home < t.slots and homes[home]:
-                homes[home] -= 1
-            else:
-                t.damaged = True  # only damage gets here; the table is repaired
+        self._unjoin()
+        off = t.slot_off(index)
         if t.mm[off + S_TIER_LEN]:
             self._tell_tier("free", "")
             t.mm[off + S_TIER_LEN] = 0
         t.states[index] = FREE
         call = (index, self.gen)
-        if t.local:
-            t.local.pop(call, None)
+        t.local.pop(call, None)
         t.owners.pop(call, None)
-        return t.segment(index) if t.mm[off + S_PAYLOAD_AT] == PAYLOAD_SEGMENT else None
 
     def _free_and_unlink(self) -> None:
-        segment = self._free()
+        t, index = self.t, self.index
+        segment = t.segment(index) if t.mm[t.slot_off(index) + S_PAYLOAD_AT] == PAYLOAD_SEGMENT else None
+        self._free()
         if segment is not None:
             unlink_segment(segment)
 
@@ -969,6 +925,63 @@ class Call:
         data = tier_bytes(t.mm[off : off + SLOT_SIZE])
         if data:
             t.events.append((event, slot_key(t.mm[off : off + SLOT_SIZE])[0], data, reason))
+
+
+# -- finishing -----------------------------------------------------------------------------------------
+
+
+def _finishing(call: Call, value: object, error: BaseException | None) -> int | None:
+    """Under the lock: end the run. None when nobody joined (the slot is FREE again) or the call is
+    no longer ours; else it is COMPLETING, and this is how many waiters are in other processes
+    (threads of ours take the owner's very objects)."""
+    t, index, gen = call.t, call.index, call.gen
+    if t.u64s[index * U64S] != gen or t.states[index] != RUNNING:
+        # Aborted under us (we were taken for dead): nobody waits for us.
+        t.owners.pop((index, gen), None)
+        return None
+    opts = call.opts
+    if error is not None:
+        if not isinstance(error, Exception):  # fn left by KeyboardInterrupt, SystemExit: an abort
+            if call._takers():
+                call._vacate(f"the owner left fn with {type(error).__name__}")
+                return None
+            t.bump(C_ABORTS)
+        else:
+            t.bump(C_ERRORS)
+    # Lingers: the outcome stays for callers that come after it (unless the call was forgotten).
+    lingers = (
+        opts.linger > 0
+        and t.u32s[index * U32S + I_FLAGS] & JOINABLE
+        and (error is None or (opts.linger_errors and isinstance(error, Exception)))
+    )
+    if not lingers:
+        u32s, base = t.u32s, index * U32S
+        if not u32s[base + I_JOINS]:
+            # Nobody joined: the slot is FREE again. Nearly every call ends here, so this is _free
+            # written out (its _unjoin too), not called.
+            flags = u32s[base + I_FLAGS]
+            if flags & JOINABLE:
+                u32s[base + I_FLAGS] = flags & ~JOINABLE
+                home, homes = u32s[base + I_HOME], t.homes
+                if home < t.slots and homes[home]:
+                    homes[home] -= 1
+                else:
+                    t.damaged = True  # only damage gets here; the table is repaired
+            if t.mm[t.geo.slot_base + index * SLOT_SIZE + S_TIER_LEN]:
+                call._tell_tier("free", "")
+                t.mm[t.geo.slot_base + index * SLOT_SIZE + S_TIER_LEN] = 0
+            t.states[index] = FREE
+            if t.local:
+                t.local.pop((index, gen), None)
+            t.owners.pop((index, gen), None)
+            return None
+        call._unjoin()
+    t.states[index] = COMPLETING
+    local = t.local.get((index, gen))
+    if local is not None:
+        local.value, local.error, local.filled = value, error, True
+    remote = call._waiters() - call._local_waiters()
+    return max(remote, 1) if lingers else remote  # a lingering outcome is written for later callers
 
 
 # -- entering: claim or join ---------------------------------------------------------------------------
@@ -1115,7 +1128,7 @@ def _try_join(
     at = t.geo.record(r)
     RECORD.pack_into(t.mm, at, pid, index, start, tid, gen, time.time())
     t.mm[at + R_TAKEOVERS : at + R_TAKEOVERS + 4] = call.opts.takeovers.to_bytes(4, "little")
-    call.index, call.gen, call.record = index, gen, r
+    call.index, call.gen, call.record, call.hit = index, gen, r, False
     off = t.slot_off(index)
     call.seen = int.from_bytes(t.mm[off + S_TAKEOVERS : off + S_TAKEOVERS + 2], "little")
     t.readers[r] = weakref.ref(call)
@@ -1144,7 +1157,7 @@ def _linger_hit(call: Call, index: int, pid: int, start: int, tid: int) -> int |
     at = t.geo.record(r)
     RECORD.pack_into(t.mm, at, pid, index, start, tid, gen, time.time())
     t.mm[at + R_TAKEOVERS : at + R_TAKEOVERS + 4] = bytes(4)
-    call.index, call.gen, call.record, call.hit = index, gen, r, True
+    call.index, call.gen, call.record, call.hit, call.seen = index, gen, r, True, 0
     t.readers[r] = weakref.ref(call)
     t.rmap[r] = 1
     t.u32s[index * U32S + I_WAITERS] += 1
@@ -1229,7 +1242,7 @@ def _check_cycle(t: Table, index: int, key: str | bytes, pid: int, tid: int) -> 
 def forget(t: Table, key: object) -> None:
     """Let the next caller of ``key`` start a new call; callers already waiting keep the current one."""
     kind, raw, stored = key_identity(key)
-    t.locked(_forgetting, t, kind, raw, stored, home_of(t, kind, stored))
+    t.locked(_forgetting, (t, kind, raw, stored, home_of(t, kind, stored)))
 
 
 def _forgetting(t: Table, kind: int, raw: bytes, stored: bytes, home: int) -> None:
@@ -1258,7 +1271,7 @@ def recover(call: Call, deadline: float | None = None) -> None:
     ):
         return
     try:
-        t.locked(end_orphans, t, call, deadline=deadline)
+        t.locked(end_orphans, (t, call), deadline)
     except LockTimeout:
         t.defer(_locked_later(t, end_orphans, t, call))
 

@@ -63,6 +63,7 @@ from ._layout import (
 )
 from ._locks import (
     NAME_TRIES,
+    Hold,
     SegmentExists,
     Semaphores,
     TableFile,
@@ -267,7 +268,7 @@ class Table:
 
     # -- the lock ------------------------------------------------------------------------------
 
-    def locked(self, body: Callable[..., R], *args: object, deadline: float | None = None) -> R:
+    def locked(self, body: Callable[..., R], args: tuple[Any, ...], deadline: float | None = None) -> R:
         """Run ``body(*args)`` holding the table lock, after repairing what a dead holder left.
 
         The only way the library takes the lock, the uncontended call included. The dirty byte is
@@ -279,7 +280,6 @@ class Table:
             hold = self.lock.local.hold
         except AttributeError:
             hold = self.lock.hold()
-        events = None
         try:
             if hold.fd == hold.own:
                 try:  # acquire's first step, taken here because it is what nearly every hold needs
@@ -298,25 +298,24 @@ class Table:
             mm[H_DIRTY] = 1
             result = body(*args)
             if self.damaged or self.events:
-                events = self._noted()
+                self._settle(hold)
             elif _REPAIR:
                 mm[H_DIRTY] = 0
             return result
         finally:
-            flock(hold.fd, LOCK_UN)
-            if events:
-                self._tell_tiers(events)
+            flock(hold.fd, LOCK_UN)  # a second unlock after _settle's is harmless
 
-    def _noted(self) -> list[tuple[str, str | bytes, bytes, str]]:
-        """At the end of a body that found damage or noted events: the dirty byte stays set for the
-        next holder to repair what was found; the events are taken while the lock is held, as they
-        were noted (no other hold's are lost), to be told once it is released."""
+    def _settle(self, hold: Hold) -> None:
+        """The end of a body that found damage or noted events: the dirty byte stays set for the next
+        holder to repair what was found; the events are taken while the lock is held, as they were
+        noted (no other hold's are lost), and told once it is released."""
         if self.damaged:
             self.damaged = False
         elif _REPAIR:
             self.mm[H_DIRTY] = 0
         events, self.events = self.events, []
-        return events
+        flock(hold.fd, LOCK_UN)
+        self._tell_tiers(events)
 
     def _tell_tiers(self, events: list[tuple[str, str | bytes, bytes, str]]) -> None:
         """Outside the lock: hand the events a body noted to the hooks of the tiers behind the table."""

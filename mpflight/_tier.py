@@ -19,6 +19,7 @@ and stacks the tier.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -44,7 +45,10 @@ class Entry(Protocol):
     and the block's end ends the entry, unless it was handed to another thread (``hand``), which then
     calls ``close`` when it is done with it."""
 
-    def __enter__(self: E) -> E: ...
+    def __enter__(self: E) -> E:
+        """The entry itself, for ``with`` blocks: a tier hands out its entries entered, and the drivers
+        do not call this."""
+        ...
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -93,9 +97,10 @@ class Entry(Protocol):
 
 
 class Tier(Protocol):
-    """Where callers of a key meet: ``caller`` makes the entry of one caller, not yet in any call;
-    ``keep`` makes a context manager that keeps what the tier's callers use (the table's mapping) while
-    a call waits to be entered (do_future's queue). ``name`` names it in threads and messages."""
+    """Where callers of a key meet: ``caller`` makes the entry of one caller, not yet in any call, and
+    keeps what it uses until the entry is closed (whoever makes one sees to it that it is); ``keep``
+    makes a context manager that keeps what the tier's callers use (the table's mapping) while a call
+    waits to be entered (do_future's queue). ``name`` names it in threads and messages."""
 
     name: str
     io: bool  # its entries' transitions do network I/O: do_async runs them off the loop
@@ -114,24 +119,23 @@ class NextTier(Tier, Protocol):
         ...
 
 
+_markers = itertools.count()  # not id(): an audited call, and every call makes two
+
+
 class ShmCaller(Call):
     """The table's entry for one caller: the protocol's Call (its token too), entered as a block.
 
     enter, own, finish, wait, rename and note are the protocol's own transitions (mpflight._protocol).
     """
 
-    __slots__ = ("at", "handed")
+    __slots__ = ("at", "handed", "marker")
 
     at: Attachment
     handed: bool
+    marker: int  # this caller's in the attachment's active set: it keeps the mapping, never this Call
 
     def __enter__(self) -> ShmCaller:
-        at = self.at
-        at.active.add(id(self))  # a marker that keeps the mapping, never this Call, alive
-        if at.closed:
-            at.active.discard(id(self))
-            raise ValueError(f"operation on closed mpflight.Group {self.opts.name!r}")
-        return self
+        return self  # inside the table since ShmTier.caller made it
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -153,7 +157,7 @@ class ShmCaller(Call):
     def close(self) -> None:
         at = self.at  # Attachment.leave, inline: every call ends here
         active = at.active
-        active.discard(id(self))
+        active.discard(self.marker)
         if not active and not at.refs:
             registry.close_unused(at)
 
@@ -172,13 +176,23 @@ class ShmTier:
         return Inside(self.at)
 
     def caller(self, deadline: float | None) -> ShmCaller:
+        """A caller inside the table: the mapping stays until the caller is closed. Nothing after the
+        marker's add can let an exception out of here but the handler that takes the marker back (an
+        interruption comes at a call's end or a function's entry, and the return has neither)."""
         c = ShmCaller()
-        c.at = self.at
+        at = c.at = self.at
         c.t = self.table
         c.opts = self.opts
         c.deadline = deadline
-        c.pending = c.handed = c.hit = False
-        c.seen = 0
+        c.pending = c.handed = False  # seen and hit are set if it joins
+        marker = c.marker = next(_markers)
+        try:
+            at.active.add(marker)
+            if at.closed:
+                raise ValueError(f"operation on closed mpflight.Group {self.name!r}")
+        except BaseException:
+            at.active.discard(marker)
+            raise
         return c
 
 
@@ -226,7 +240,12 @@ class Stacked:
             hooks.remove(self.next.on_event)
 
     def caller(self, deadline: float | None) -> StackedCaller:
-        return StackedCaller(self.shm.caller(deadline), self.next, deadline)
+        local = self.shm.caller(deadline)
+        try:
+            return StackedCaller(local, self.next, deadline)
+        except BaseException:
+            local.close()
+            raise
 
 
 # What a relay that waited in the next tier publishes to the table's waiters when its own wait ends
@@ -255,8 +274,7 @@ class StackedCaller:
         self.retakes = 0  # how many times this caller entered the next tier anew after its call aborted
 
     def __enter__(self) -> StackedCaller:
-        self.local.__enter__()
-        return self
+        return self  # inside the table since Stacked.caller made it
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -113,7 +113,7 @@ def _hold_the_lock(group: mpflight.Group, ready: str, release: str) -> None:
         Path(ready).touch()
         wait_until(Path(release).exists, "the parent's look")
 
-    group._table().locked(inside)
+    group._table().locked(inside, ())
 
 
 def test_the_pools_example_runs() -> None:
