@@ -950,7 +950,7 @@ def _finishing(call: Call, value: object, error: BaseException | None) -> int | 
             t.bump(C_ERRORS)
     # Lingers: the outcome stays for callers that come after it (unless the call was forgotten).
     lingers = (
-        opts.linger > 0
+        opts.linger
         and t.u32s[index * U32S + I_FLAGS] & JOINABLE
         and (error is None or (opts.linger_errors and isinstance(error, Exception)))
     )
@@ -958,10 +958,10 @@ def _finishing(call: Call, value: object, error: BaseException | None) -> int | 
         u32s, base = t.u32s, index * U32S
         if not u32s[base + I_JOINS]:
             # Nobody joined: the slot is FREE again. Nearly every call ends here, so this is _free
-            # written out (its _unjoin too), not called.
-            flags = u32s[base + I_FLAGS]
-            if flags & JOINABLE:
-                u32s[base + I_FLAGS] = flags & ~JOINABLE
+            # written out (its _unjoin too), not called; the flags are left as they are, as a FREE
+            # slot's fields mean nothing (every reader looks at the state first) until a claim
+            # writes them all.
+            if u32s[base + I_FLAGS] & JOINABLE:  # counted in its home (unless it was forgotten)
                 home, homes = u32s[base + I_HOME], t.homes
                 if home < t.slots and homes[home]:
                     homes[home] -= 1

@@ -164,6 +164,7 @@ class Table:
         self.u32s = self.view[g.slot_base : g.record_base].cast("I")
         self.u64s = self.view[g.slot_base : g.record_base].cast("Q")
         self.lock = self.file.lock
+        self.holds = self.lock.local  # .hold: this thread's Hold of the lock (read on every hold)
         self.sems = Semaphores(group, self.sem_token, self.set_sem_token, self.mode, self.gid)
         self.local: dict[tuple[int, int], LocalCall] = {}
         # Who in this process is responsible for each claim (slot, generation) and each waiter record
@@ -277,7 +278,7 @@ class Table:
         Raises LockTimeout when ``deadline`` (monotonic) passes before the lock is free.
         """
         try:
-            hold = self.lock.local.hold
+            hold = self.holds.hold
         except AttributeError:
             hold = self.lock.hold()
         try:
@@ -473,6 +474,7 @@ class Table:
     def after_fork_in_child(self) -> None:
         self.file.after_fork_in_child()
         self.lock = self.file.lock
+        self.holds = self.lock.local
         self.local.clear()
         self.owners.clear()  # the parent's callers are not ours
         self.readers.clear()
